@@ -1,0 +1,268 @@
+"""Config files, command-line overrides and start-up validation.
+
+A config file is a Python file with `get_config()` returning an ml_collections.ConfigDict built on
+`base_config()`, whose keys are locked: a misspelt key fails when it is set, with a suggestion.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Iterable, List, Sequence, Tuple
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with defaults; experiment files override values, never add keys."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="digits",          # digits | mnist | fashion_mnist | cifar10 | tfds | synthetic
+        data_dir="",            # '' -> $RESEARCH_DATA_DIR/<name> for file-based sets
+        tfds_name="",           # with name='tfds'
+        image_size=8,
+        channels=1,
+        num_classes=10,
+        random_flip=False,
+        centered=True,          # scale pixels to [-1, 1] (False: [0, 1])
+    ))
+
+    # U-Net defaults; a config for another backbone replaces config.model with its own fields.
+    c.model = ml_collections.ConfigDict(dict(
+        name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), num_heads=1,
+        head_channels=-1, dropout=0.1, use_scale_shift_norm=False, resamp_with_conv=True, num_classes=0,
+        norm_groups=32, norm_eps=1e-6, dtype="float32",
+    ))
+
+    c.diffusion = ml_collections.ConfigDict(dict(
+        schedule="linear",      # linear | scaled_linear | cosine | sigmoid
+        timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction="eps",       # eps | x0 | v
+        var_type="fixed_small",  # fixed_small | fixed_large | learned_range
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        optimizer="adam",       # adam | adamw
+        lr=2e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=5000,
+        lr_schedule="constant",  # constant | cosine (decay to 0 at train.num_steps)
+        grad_clip=1.0,          # global-norm clip; 0 disables
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=128,         # global, over all devices and hosts
+        num_steps=800_000,
+        ema_decay=0.9999,
+        log_every=100,
+        ckpt_every=5000,
+        keep_checkpoints=3,
+        sample_every=10_000,    # 0 disables sample grids during training
+        mesh_model=1,           # size of the parameter-sharding mesh axis ('model'); the rest is 'data'
+        progress=True,
+    ))
+
+    c.sample = ml_collections.ConfigDict(dict(
+        sampler="ddim",         # ddim | ddpm
+        steps="50",             # count (evenly spaced), "ddimN" (DDIM stride), or "t1,t2,..." timesteps
+        eta=0.0,
+        num=64,
+        batch_size=256,
+        clip_x0=True,
+        use_ema=True,
+    ))
+    c.lock()
+    return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (configs live in configs/, e.g. configs/quickstart.py)")
+    spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except (AttributeError, KeyError) as e:
+        # ConfigDict raises these for a key that base_config() does not define.
+        raise ConfigError(f"{path}: {e}") from e
+    return config
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in config.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected true/false, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ConfigError(f"cannot parse {text!r} as a {type(current).__name__}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (int, float)):
+        value = (value,)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if current is not None and not isinstance(value, type(current)) and not (
+            isinstance(current, (tuple, list)) and isinstance(value, (tuple, list))):
+        raise ConfigError(f"expected a {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[Tuple[str, str]]):
+    """Set dotted keys from strings, typed after the current value. Unknown keys fail with a suggestion."""
+    config = config.copy_and_resolve_references()
+    known = _all_keys(config)
+    for key, text in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; run with --help to list keys")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        try:
+            value = _parse_value(text, node[leaf])
+        except ConfigError as e:
+            raise ConfigError(f"--config.{key}: {e}") from None
+        with node.unlocked() if hasattr(node, "unlocked") else _null():
+            node[leaf] = value
+    return config
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def parse_config_args(argv: Sequence[str]):
+    """Split argv into (config path, [(key, value)], remaining args).
+
+    Accepts `--config path`, `--config=path` and `--config.a.b=v` / `--config.a.b v`.
+    """
+    path, overrides, rest = None, [], []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                path = arg.split("=", 1)[1]
+            else:
+                i += 1
+                if i >= len(argv):
+                    raise ConfigError("--config needs a file path")
+                path = argv[i]
+        elif arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            else:
+                i += 1
+                if i >= len(argv):
+                    raise ConfigError(f"--config.{body} needs a value")
+                key, value = body, argv[i]
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return path, overrides, rest
+
+
+def get_config(path: str, overrides: Iterable[Tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    config = apply_overrides(load_config_file(path), overrides)
+    validate_config(config)
+    return config
+
+
+_CHOICES = {
+    "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "tfds", "synthetic"),
+    "diffusion.schedule": ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid"),
+    "diffusion.prediction": ("eps", "x0", "v"),
+    "diffusion.var_type": ("fixed_small", "fixed_large", "learned_range"),
+    "optim.optimizer": ("adam", "adamw"),
+    "optim.lr_schedule": ("constant", "cosine"),
+    "sample.sampler": ("ddpm", "ddim"),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fail before any compilation on values that cannot work, naming the key and the fix."""
+    for key, choices in _CHOICES.items():
+        section, leaf = key.split(".")
+        value = config[section][leaf]
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+    positive = ["data.image_size", "data.channels", "diffusion.timesteps", "train.batch_size", "train.num_steps",
+                "train.log_every", "train.ckpt_every", "train.mesh_model", "sample.num", "sample.batch_size"]
+    for key in positive:
+        section, leaf = key.split(".")
+        if int(config[section][leaf]) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {config[section][leaf]}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
+    if not 0.0 <= config.sample.eta:
+        raise ConfigError(f"sample.eta must be >= 0, got {config.sample.eta}")
+    if config.model.name == "unet":
+        from research.models.unet import check_resolution
+        try:
+            check_resolution((config.data.image_size, config.data.image_size), len(config.model.ch_mult))
+        except ValueError as e:
+            raise ConfigError(f"data.image_size={config.data.image_size} with model.ch_mult="
+                              f"{tuple(config.model.ch_mult)}: {e}") from None
+        ch = config.model.ch
+        for m in config.model.ch_mult:
+            if (ch * m) % min(config.model.norm_groups, ch * m):
+                raise ConfigError(f"model.ch * mult = {ch * m} is not divisible by model.norm_groups="
+                                  f"{config.model.norm_groups}")
+    if config.model.get("num_classes", 0) and config.model.num_classes != config.data.num_classes:
+        raise ConfigError(f"model.num_classes={config.model.num_classes} but data.num_classes="
+                          f"{config.data.num_classes}; set them equal (or model.num_classes=0 for unconditional)")
+
+
+def config_help(config: ml_collections.ConfigDict) -> str:
+    lines = []
+    for key in _all_keys(config):
+        node = config
+        for p in key.split("."):
+            node = node[p]
+        if not isinstance(node, ml_collections.ConfigDict):
+            lines.append(f"  --config.{key}={node!r}")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""The DDPM / ADM U-Net (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021), NHWC."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.models.layers import (AttentionBlock, Downsample, GroupNorm, ResBlock, Upsample, default_init,
+                                    timestep_embedding, zero_init)
+
+
+class UNet(nn.Module):
+    """eps/x0/v-predicting U-Net.
+
+    Input x [B, H, W, C], timesteps t [B] (original training indices, may be fractional), optional class
+    labels y [B] int. Output [B, H, W, out_channels].
+
+    Levels: one per entry of ch_mult, each with num_res_blocks ResBlocks of ch * mult channels and
+    attention where the current resolution is in attn_resolutions; H and W halve between levels. The
+    decoder mirrors it with num_res_blocks + 1 blocks per level, each fed a skip connection.
+    """
+
+    out_channels: int
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    num_heads: int = 1
+    head_channels: int = -1
+    dropout: float = 0.1
+    use_scale_shift_norm: bool = False
+    resamp_with_conv: bool = True
+    num_classes: int = 0
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None, *, train: bool = False):
+        check_resolution(x.shape[1:3], len(self.ch_mult))
+        emb_dim = 4 * self.ch
+        emb = timestep_embedding(t, self.ch)
+        emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense0")(emb)
+        emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense1")(nn.silu(emb))
+        if self.num_classes:
+            if y is None:
+                raise ValueError("this U-Net is class-conditional (num_classes > 0) but no labels were given")
+            emb = emb + nn.Embed(self.num_classes, emb_dim, name="label_embed")(y).astype(emb.dtype)
+
+        res = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                   norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype)
+        attn = dict(num_heads=self.num_heads, head_channels=self.head_channels, norm_groups=self.norm_groups,
+                    norm_eps=self.norm_eps, dtype=self.dtype)
+
+        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
+                    name="conv_in")(x.astype(self.dtype))
+        skips = [h]
+        for level, mult in enumerate(self.ch_mult):
+            for block in range(self.num_res_blocks):
+                h = ResBlock(self.ch * mult, name=f"down{level}_res{block}", **res)(h, emb, train=train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttentionBlock(name=f"down{level}_attn{block}", **attn)(h)
+                skips.append(h)
+            if level != len(self.ch_mult) - 1:
+                h = Downsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"down{level}_down")(h)
+                skips.append(h)
+
+        h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, emb, train=train)
+        h = AttentionBlock(name="mid_attn", **attn)(h)
+        h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, emb, train=train)
+
+        for level, mult in reversed(list(enumerate(self.ch_mult))):
+            for block in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = ResBlock(self.ch * mult, name=f"up{level}_res{block}", **res)(h, emb, train=train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttentionBlock(name=f"up{level}_attn{block}", **attn)(h)
+            if level != 0:
+                h = Upsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"up{level}_up")(h)
+        assert not skips
+
+        h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
+        h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init, dtype=self.dtype,
+                    name="conv_out")(h)
+        return h.astype(jnp.float32)
+
+
+def check_resolution(hw: Sequence[int], num_levels: int) -> None:
+    """Raise a clear error when H or W cannot be halved num_levels - 1 times."""
+    factor = 2 ** (num_levels - 1)
+    bad = [s for s in hw if s % factor]
+    if bad:
+        sizes = "x".join(str(s) for s in hw)
+        raise ValueError(
+            f"image size {sizes} cannot be downsampled {num_levels - 1} times by the U-Net "
+            f"(len(model.ch_mult) = {num_levels} needs sides divisible by {factor}); "
+            f"use fewer levels in model.ch_mult or pad/resize the data to a multiple of {factor}")

@@ -1,0 +1,96 @@
+"""python -m research.sample --workdir RUN [--step N] [--sampler ddim|ddpm] [--steps 50|ddim50|t1,t2,..]
+                           [--eta 0.0] [--num 64] [--seed 0] [--batch-size 256] [--no-ema] [--out DIR]
+
+Loads the run's config and checkpoint (the newest, or --step), draws samples and writes
+  OUT/samples_<sampler>_<steps>_eta<eta>_seed<seed>.png  (grid of up to 256)
+  OUT/samples_<...>.npz                                   (images uint8 [N, H, W, C], labels, nfe)
+OUT defaults to RUN/samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def load_run(workdir: str, step=None, use_ema: bool = True):
+    """-> (config, model, params, step) from a training workdir."""
+    import jax
+    import ml_collections
+    from research.config import ConfigError
+    from research.train.checkpoint import Checkpointer, param_signature
+    from research.train.loop import abstract_params, model_from_config
+    from research.train.state import init_train_state, make_optimizer
+
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{workdir} has no config.json: is it a training workdir (python -m research.train ... --workdir)?")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    for key in ("ch_mult", "attn_resolutions"):
+        if key in config.model and isinstance(config.model[key], list):
+            config.model[key] = tuple(config.model[key])
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise ConfigError(f"no checkpoint in {workdir}/checkpoints")
+    step = ckpt.latest_step() if step is None else step
+    if step not in steps:
+        raise ConfigError(f"no checkpoint at step {step}; available: {sorted(steps)}")
+    model = model_from_config(config)
+    abstract_p = abstract_params(model, config)
+    ckpt.check_compatible(step, {"params": param_signature(abstract_p), "model": {}})
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, config.seed), abstract_p)
+    state, _, _ = ckpt.restore(step, abstract_state)
+    ckpt.close()
+    return config, model, (state.ema_params if use_ema else state.params), step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    p.add_argument("--steps", default=None, help="50 (even spacing), ddim50 (DDIM stride) or a comma list")
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from research.config import ConfigError
+    from research.images import save_grid
+    from research.sampling import Generator, to_uint8
+    try:
+        config, model, params, step = load_run(args.workdir, args.step, use_ema=not args.no_ema)
+        gen = Generator(model, config, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                        batch_size=min(args.batch_size or config.sample.batch_size, args.num))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    samples, labels, nfe = gen.generate(params, args.num, seed=args.seed)
+    seconds = time.time() - t0
+    images = to_uint8(samples, config.data.centered)
+    out = args.out or os.path.join(args.workdir, "samples")
+    os.makedirs(out, exist_ok=True)
+    steps_name = str(args.steps if args.steps is not None else config.sample.steps).replace(",", "-")
+    stem = f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}_seed{args.seed}"
+    save_grid(images[:256], os.path.join(out, stem + ".png"))
+    np.savez(os.path.join(out, stem + ".npz"), images=images, labels=labels if labels is not None else np.zeros(0),
+             nfe=nfe, step=step)
+    print(f"{args.num} samples from step {step} with {gen.sampler} ({gen.num_steps} steps, eta={gen.eta:g}, "
+          f"NFE={nfe}) in {seconds:.1f}s -> {os.path.join(out, stem)}.png/.npz")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

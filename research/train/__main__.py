@@ -1,0 +1,62 @@
+"""python -m research.train --config configs/X.py --workdir DIR [--config.a.b=v ...]
+
+Trains from the config, resuming automatically from the newest checkpoint in DIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from research.config import ConfigError, base_config, config_help, get_config, parse_config_args
+
+
+USAGE = __doc__
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        print("Config keys (defaults of the base config):")
+        print(config_help(base_config()))
+        return 0
+    try:
+        path, overrides, rest = parse_config_args(argv)
+        workdir = None
+        if "--workdir" in rest:
+            i = rest.index("--workdir")
+            workdir = rest[i + 1] if i + 1 < len(rest) else None
+            rest = rest[:i] + rest[i + 2:]
+        else:
+            for arg in list(rest):
+                if arg.startswith("--workdir="):
+                    workdir = arg.split("=", 1)[1]
+                    rest.remove(arg)
+        if path is None or workdir is None:
+            raise ConfigError("both --config FILE and --workdir DIR are required (see --help)")
+        if rest:
+            raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
+        config = get_config(path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from research.train.loop import TrainingDiverged, train
+    from research.train.checkpoint import CheckpointMismatchError
+    try:
+        result = train(config, workdir)
+    except (ConfigError, CheckpointMismatchError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # data errors (DataError) and model argument errors
+        if type(e).__name__ in ("DataError",) or "model." in str(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    print(f"finished at step {result['step']}; workdir: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
