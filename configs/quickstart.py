@@ -10,12 +10,12 @@ def get_config():
     c.data.image_size = 8
     c.data.channels = 1
 
-    c.model.ch = 64
+    c.model.ch = 32
     c.model.ch_mult = (1, 2)
     c.model.num_res_blocks = 1
     c.model.attn_resolutions = (4,)
     c.model.dropout = 0.0
-    c.model.norm_groups = 16
+    c.model.norm_groups = 8
 
     c.diffusion.schedule = "cosine"
     c.diffusion.timesteps = 1000
@@ -27,6 +27,7 @@ def get_config():
     c.train.batch_size = 128
     c.train.num_steps = 3000
     c.train.ema_decay = 0.995
+    c.train.ema_warmup = True
     c.train.log_every = 50
     c.train.ckpt_every = 1000
     c.train.sample_every = 1000

@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_classes=10,
         random_flip=False,
         centered=True,          # scale pixels to [-1, 1] (False: [0, 1])
+        num_threads=0,          # grain read threads; 0 reads in the training thread
+        num_examples=0,         # synthetic only: dataset size (0 -> 10,000)
+        synthetic_seed=0,       # synthetic only
     ))
 
     # U-Net defaults; a config for another backbone replaces config.model with its own fields.
@@ -67,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=128,         # global, over all devices and hosts
         num_steps=800_000,
         ema_decay=0.9999,
+        ema_warmup=False,       # decay min(ema_decay, (1+k)/(10+k)); off in the paper recipes
         log_every=100,
         ckpt_every=5000,
         keep_checkpoints=3,

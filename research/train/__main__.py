@@ -41,7 +41,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Orbax and absl log every checkpoint file at INFO; keep the terminal for the progress bar and our messages.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("research").setLevel(logging.INFO)
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
     from research.train.loop import TrainingDiverged, train
     from research.train.checkpoint import CheckpointMismatchError
     try:

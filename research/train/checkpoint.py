@@ -64,9 +64,17 @@ class Checkpointer:
             + "Use a new --workdir, or the config that wrote this checkpoint (saved as config.json beside it).")
 
     def restore(self, step: int, abstract_state):
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "do not match" not in str(e):
+                raise
+            raise CheckpointMismatchError(
+                f"the checkpoint at step {step} in {self.directory} has a different train-state structure than this "
+                f"config builds (the parameters match, so an optimizer setting such as optim.optimizer probably "
+                f"changed). Use the run's config.json, or a new --workdir. Details: {e}") from None
         return restored.state, restored.data, restored.meta
 
     def close(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,47 @@ def write_run_files(config, workdir: str) -> None:
         json.dump(run_info(config), f, indent=2)
 
 
+@dataclasses.dataclass
+class Trainer:
+    """Everything a training step needs, built for one mesh."""
+    model: Any
+    schedule: Any
+    mesh: Any
+    abstract_state: Any
+    state_sharding: Any
+    batch_sharding: Any
+    init: Callable          # key -> sharded TrainState
+    step: Callable          # (state, batch) -> (state, metrics); donates the state
+    meta: dict
+    conditional: bool
+
+    def abstract_state_sharded(self):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_sharding)
+
+
+def build_trainer(config, mesh=None) -> Trainer:
+    tc = config.train
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(tc.mesh_model)
+    model = model_from_config(config)
+    schedule = schedule_from_config(config.diffusion)
+    tx = make_optimizer(config.optim, tc.num_steps)
+    lr_schedule = learning_rate_schedule(config.optim, tc.num_steps)
+    conditional = bool(config.model.get("num_classes", 0))
+    loss_fn = make_loss_fn(model, schedule, config.diffusion, conditional=conditional)
+    step_fn = make_train_step(loss_fn, tx, lr_schedule, tc.ema_decay, tc.ema_warmup)
+    abstract_p = abstract_params(model, config)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, config.seed), abstract_p)
+    state_sh = mesh_lib.state_shardings(mesh, abstract_state)
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    model_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.to_dict().items()}
+    meta = {"params": param_signature(abstract_p), "model": model_cfg}
+    init = jax.jit(lambda key: init_train_state(init_params(model, config, key), tx, config.seed),
+                   out_shardings=state_sh)
+    step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    return Trainer(model, schedule, mesh, abstract_state, state_sh, batch_sh, init, step, meta, conditional)
+
+
 def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     """Train until config.train.num_steps (or stop_at, for tests), resuming from workdir if it has a checkpoint.
 
@@ -120,20 +162,9 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
 
     workdir = os.path.abspath(workdir)
     write_run_files(config, workdir)
-    model = model_from_config(config)
-    schedule = schedule_from_config(config.diffusion)
-    tx = make_optimizer(config.optim, tc.num_steps)
-    lr_schedule = learning_rate_schedule(config.optim, tc.num_steps)
-    conditional = bool(config.model.get("num_classes", 0))
-    loss_fn = make_loss_fn(model, schedule, config.diffusion, conditional=conditional)
-    step_fn = make_train_step(loss_fn, tx, lr_schedule, tc.ema_decay)
-
-    abstract_p = abstract_params(model, config)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, config.seed), abstract_p)
-    state_sh = mesh_lib.state_shardings(mesh, abstract_state)
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    meta = {"params": param_signature(abstract_p), "model": config.model.to_dict()}
-    meta["model"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta["model"].items()}
+    trainer = build_trainer(config, mesh)
+    model, state_sh, batch_sh, meta = trainer.model, trainer.state_sharding, trainer.batch_sharding, trainer.meta
+    conditional = trainer.conditional
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
     data_iter = make_train_iterator(config.data, global_batch_size=tc.batch_size, seed=config.seed,
@@ -141,19 +172,14 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
         ckpt.check_compatible(latest, meta)
-        abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract_state, state_sh)
-        state, data_state, _ = ckpt.restore(latest, abstract_sharded)
+        state, data_state, _ = ckpt.restore(latest, trainer.abstract_state_sharded())
         if data_state:
             data_iter.set_state(data_state)
         log.info("resumed from step %d in %s", latest, workdir)
     else:
-        init = jax.jit(lambda key: init_train_state(init_params(model, config, key), tx, config.seed),
-                       out_shardings=state_sh)
-        state = init(jax.random.PRNGKey(config.seed))
+        state = trainer.init(jax.random.PRNGKey(config.seed))
 
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                         donate_argnums=0)
+    train_step = trainer.step
     start = int(jax.device_get(state.step))
     end = tc.num_steps if stop_at is None else min(stop_at, tc.num_steps)
     last_saved = latest

@@ -31,9 +31,8 @@ def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
 
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(optim_config, num_steps)
-    parts = []
-    if optim_config.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+    # identity() keeps the chain's state structure when clipping is off, so grad_clip can change on resume.
+    parts = [optax.clip_by_global_norm(optim_config.grad_clip) if optim_config.grad_clip > 0 else optax.identity()]
     if optim_config.optimizer == "adam":
         parts.append(optax.adam(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps))
     else:

@@ -34,14 +34,25 @@ def make_loss_fn(model, schedule, diffusion_config, *, conditional: bool):
     return loss_fn
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule, ema_decay: float):
+def ema_decay_at(step, ema_decay: float, warmup: bool):
+    """Constant decay (DDPM), or with warmup min(decay, (1 + k) / (10 + k)) so a short run's EMA is not
+    dominated by its initialisation."""
+    if not warmup:
+        return jnp.asarray(ema_decay, jnp.float32)
+    k = step.astype(jnp.float32)
+    return jnp.minimum(ema_decay, (1.0 + k) / (10.0 + k))
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule, ema_decay: float,
+                    ema_warmup: bool = False):
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_update(state.ema_params, params, ema_decay))
+                                  ema_params=ema_update(state.ema_params, params,
+                                                        ema_decay_at(state.step, ema_decay, ema_warmup)))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
         return new_state, metrics
 

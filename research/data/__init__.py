@@ -1,0 +1,37 @@
+"""Data sources and the training input pipeline."""
+
+from research.data.pipeline import (
+    from_model_range,
+    make_eval_arrays,
+    make_train_iterator,
+    peek_shape,
+    to_model_range,
+)
+from research.data.sources import (
+    DATA_DIR_ENV,
+    SOURCE_NAMES,
+    Cifar10Source,
+    DataError,
+    DigitsSource,
+    IDXSource,
+    SyntheticSource,
+    TfdsSource,
+    get_source,
+)
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "SOURCE_NAMES",
+    "Cifar10Source",
+    "DataError",
+    "DigitsSource",
+    "IDXSource",
+    "SyntheticSource",
+    "TfdsSource",
+    "from_model_range",
+    "get_source",
+    "make_eval_arrays",
+    "make_train_iterator",
+    "peek_shape",
+    "to_model_range",
+]

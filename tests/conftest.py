@@ -1,0 +1,36 @@
+"""Test session setup: 8 simulated CPU devices, so sharded code paths run on any machine."""
+
+import os
+
+# Must happen before jax is imported anywhere; tests that want one device build a one-device mesh.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+    """A U-Net small enough to compile and train in seconds on digits (8x8)."""
+    from research.config import base_config
+
+    c = base_config()
+    c.data.name = "digits"
+    c.model.ch = 16
+    c.model.ch_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attn_resolutions = (4,)
+    c.model.dropout = 0.1
+    c.model.norm_groups = 8
+    c.diffusion.timesteps = 100
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 2
+    c.train.batch_size = 16
+    c.train.num_steps = 6
+    c.train.log_every = 1
+    c.train.ckpt_every = 3
+    c.train.sample_every = 0
+    c.train.progress = False
+    c.sample.num = 8
+    c.sample.steps = "10"
+    return c

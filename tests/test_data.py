@@ -1,0 +1,429 @@
+"""Tests for research.data: sources, error messages and the grain training pipeline."""
+
+import gzip
+import json
+import os
+import pickle
+
+import ml_collections
+import numpy as np
+import pytest
+
+from research.data import (
+    Cifar10Source,
+    DataError,
+    DigitsSource,
+    IDXSource,
+    SyntheticSource,
+    TfdsSource,
+    from_model_range,
+    get_source,
+    make_eval_arrays,
+    make_train_iterator,
+    peek_shape,
+    to_model_range,
+)
+
+
+def data_config(**overrides):
+    cfg = dict(
+        name="digits", data_dir="", tfds_name="", image_size=8, channels=1,
+        num_classes=10, random_flip=False, centered=True,
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+# ----------------------------------------------------------------------------- IDX helpers
+
+
+def idx_bytes(array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx_split(directory, prefix, images, labels, compress):
+    os.makedirs(directory, exist_ok=True)
+    for kind, array, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
+        name = os.path.join(directory, f"{prefix}-{kind}-ubyte")
+        payload = idx_bytes(array, magic)
+        if compress:
+            with gzip.open(name + ".gz", "wb") as f:
+                f.write(payload)
+        else:
+            with open(name, "wb") as f:
+                f.write(payload)
+
+
+def index_coded_images(n, size=4):
+    """Images whose first two pixels spell their own index, so batches can be decoded."""
+    images = np.zeros((n, size, size), np.uint8)
+    images[:, 0, 0] = np.arange(n) % 256
+    images[:, 0, 1] = np.arange(n) // 256
+    return images
+
+
+def decode_indices(batch):
+    pixels = from_model_range(batch["image"])
+    return pixels[:, 0, 0, 0].astype(np.int64) + 256 * pixels[:, 0, 1, 0].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_matches_sklearn_scaled():
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    images, labels = DigitsSource("all").as_array()
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
+    assert labels.shape == (1797,) and labels.dtype == np.int32
+    np.testing.assert_array_equal(images[..., 0], np.round(ref.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(labels, ref.target)
+    assert images.min() == 0 and images.max() == 255
+
+    train, test = DigitsSource("train"), DigitsSource("test")
+    assert (len(train), len(test)) == (1500, 297)
+    # The two splits partition the data set: together they are 'all', in order.
+    np.testing.assert_array_equal(np.concatenate([train.as_array()[0], test.as_array()[0]]), images)
+    record = test[0]
+    assert record["image"].shape == (8, 8, 1) and record["label"].dtype == np.int32
+    np.testing.assert_array_equal(record["image"], images[1500])
+    with pytest.raises(DataError, match="valid splits"):
+        DigitsSource("validation")
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+def test_idx_roundtrip_gz_and_raw(tmp_path):
+    rng = np.random.default_rng(0)
+    # Non-square so a rows/cols mix-up would show.
+    train_images = rng.integers(0, 256, (7, 6, 5), dtype=np.uint8)
+    train_labels = rng.integers(0, 10, 7, dtype=np.uint8)
+    test_images = rng.integers(0, 256, (3, 6, 5), dtype=np.uint8)
+    test_labels = np.array([9, 0, 3], np.uint8)
+    write_idx_split(tmp_path, "train", train_images, train_labels, compress=True)
+    write_idx_split(tmp_path, "t10k", test_images, test_labels, compress=False)
+
+    train = IDXSource(tmp_path, "train")
+    assert train.image_shape == (6, 5, 1)
+    assert train._images is None  # shape came from the header alone
+    images, labels = train.as_array()
+    np.testing.assert_array_equal(images[..., 0], train_images)
+    np.testing.assert_array_equal(labels, train_labels.astype(np.int32))
+    assert len(train) == 7 and train[-1]["label"] == train_labels[-1]
+
+    test = IDXSource(tmp_path, "test")
+    assert test.images_path.endswith("t10k-images-idx3-ubyte")
+    np.testing.assert_array_equal(test.as_array()[0][..., 0], test_images)
+    np.testing.assert_array_equal(test.as_array()[1], [9, 0, 3])
+
+
+def test_idx_corrupt_files_raise(tmp_path):
+    images = np.zeros((4, 3, 3), np.uint8)
+    write_idx_split(tmp_path, "train", images, np.zeros(4, np.uint8), compress=True)
+    bad = bytearray(idx_bytes(images, 2051))
+    bad[3] = 0x04  # magic 2052
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes(bad))
+    with pytest.raises(DataError, match="magic number 2052, expected 2051"):
+        IDXSource(tmp_path, "train").as_array()
+    with pytest.raises(DataError, match="magic"):
+        IDXSource(tmp_path, "train").image_shape
+
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(idx_bytes(images, 2051)[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        IDXSource(tmp_path, "train").as_array()
+
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file at all")
+    with pytest.raises(DataError, match="cannot read IDX"):
+        IDXSource(tmp_path, "train").as_array()
+
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
+        IDXSource(tmp_path, "test")
+
+
+_REAL_MNIST = os.path.join(os.environ.get("RESEARCH_DATA_DIR", ""), "mnist")
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RESEARCH_DATA_DIR") or not os.path.isdir(_REAL_MNIST),
+    reason="RESEARCH_DATA_DIR with mnist/ not available",
+)
+def test_real_mnist_from_env():
+    cfg = data_config(name="mnist", image_size=28)
+    assert peek_shape(cfg) == (28, 28, 1)
+    source = get_source(cfg, "train")
+    images, labels = source.as_array()
+    assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    np.testing.assert_array_equal(np.bincount(labels[:10], minlength=10), [1, 3, 1, 1, 2, 1, 0, 0, 0, 1])
+    assert len(get_source(cfg, "test")) == 10000
+    with pytest.raises(DataError, match="image_size=28"):
+        get_source(data_config(name="mnist", image_size=32), "train")
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def write_cifar(folder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    written = {}
+    for name, n in zip(names, sizes):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        written[name] = (data, labels)
+    return written
+
+
+def test_cifar10_reads_pickled_batches_in_hwc(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    written = write_cifar(folder, sizes=[2, 3, 1, 2, 2, 4])
+    data, labels = written["data_batch_1"]
+    # A pixel whose three channels differ, to pin the CHW -> HWC conversion.
+    data[0, [0 * 1024 + 5 * 32 + 7, 1 * 1024 + 5 * 32 + 7, 2 * 1024 + 5 * 32 + 7]] = [10, 20, 30]
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"labels": labels, b"data": data}, f, protocol=2)
+
+    for directory in (tmp_path, folder):  # parent folder or the batches folder itself
+        train = Cifar10Source(directory, "train")
+        assert len(train) == 10 and train.image_shape == (32, 32, 3)
+        assert train[0]["image"].shape == (32, 32, 3)
+        np.testing.assert_array_equal(train[0]["image"][5, 7], [10, 20, 30])
+
+    images, all_labels = Cifar10Source(tmp_path, "train").as_array()
+    expected = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
+    expected[:2] = data
+    for n in range(10):
+        for c in range(3):
+            np.testing.assert_array_equal(images[n, :, :, c], expected[n, c * 1024:(c + 1) * 1024].reshape(32, 32))
+    assert list(all_labels) == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+
+    test = Cifar10Source(tmp_path, "test")
+    assert len(test) == 4 and test[3]["label"] == written["test_batch"][1][3]
+    cfg = data_config(name="cifar10", data_dir=str(tmp_path), image_size=32, channels=3)
+    assert make_eval_arrays(cfg, "test")[0].shape == (4, 32, 32, 3)
+    with pytest.raises(DataError, match="channels=3"):
+        get_source(data_config(name="cifar10", data_dir=str(tmp_path), image_size=32, channels=1))
+
+
+def test_cifar10_missing_and_malicious_files(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, sizes=[1] * 6)
+    os.remove(folder / "data_batch_3")
+    with pytest.raises(DataError, match="missing data_batch_3"):
+        Cifar10Source(tmp_path, "train")
+    # A pickle that would call a function on load must be refused, not executed.
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": os.getcwd, b"labels": []}, f, protocol=2)
+    with pytest.raises(DataError, match="refusing to load"):
+        Cifar10Source(tmp_path, "test").as_array()
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def test_tfds_source_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        source = TfdsSource("mnist", "train")
+        assert len(source) == 12 and source.image_shape == (28, 28, 1)
+        assert source.num_classes == 10
+        record = source[11]
+        assert record["image"].shape == (28, 28, 1) and record["image"].dtype == np.uint8
+        assert record["label"].dtype == np.int32 and 0 <= int(record["label"]) < 10
+
+        cfg = data_config(name="tfds", tfds_name="mnist", image_size=28)
+        batches = take(make_train_iterator(cfg, global_batch_size=4, seed=0), 3)
+        for b in batches:
+            assert b["image"].shape == (4, 28, 28, 1) and b["image"].dtype == np.float32
+            assert b["label"].dtype == np.int32
+        # One epoch of 12 examples in batches of 4 visits every label once.
+        seen = np.sort(np.concatenate([b["label"] for b in batches]))
+        np.testing.assert_array_equal(seen, np.sort([source[i]["label"] for i in range(12)]))
+        with pytest.raises(DataError, match="image_size=28"):
+            get_source(data_config(name="tfds", tfds_name="mnist", image_size=32))
+
+
+def test_tfds_not_prepared_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="array_record"):
+        TfdsSource("mnist", "train", data_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_per_index():
+    source = SyntheticSource(num_examples=100, image_size=5, channels=3, num_classes=7, seed=3)
+    images, labels = source.read_batch(np.arange(100))
+    assert images.shape == (100, 5, 5, 3) and images.dtype == np.uint8
+    for i in (0, 41, 99):
+        np.testing.assert_array_equal(source[i]["image"], images[i])
+        assert source[i]["label"] == labels[i]
+    assert set(np.unique(labels)) == set(range(7))
+    assert 100 < images.mean() < 155 and images.std() > 60
+    other = SyntheticSource(100, 5, 3, 7, seed=4)[41]["image"]
+    assert (other != images[41]).mean() > 0.9
+    cfg = data_config(name="synthetic", image_size=5, channels=3, num_examples=64)
+    train, test = get_source(cfg, "train"), get_source(cfg, "test")
+    assert len(train) == 64 and (train[0]["image"] != test[0]["image"]).any()
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+def test_config_errors_are_actionable(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="valid names: digits, mnist"):
+        get_source(data_config(name="imagenet"))
+
+    monkeypatch.delenv("RESEARCH_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="RESEARCH_DATA_DIR is not set") as e:
+        make_train_iterator(data_config(name="mnist", image_size=28), global_batch_size=8, seed=0)
+    assert "tfds_name='mnist'" in str(e.value)
+
+    monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError) as e:
+        peek_shape(data_config(name="fashion_mnist", image_size=28))
+    message = str(e.value)
+    assert str(tmp_path / "fashion_mnist") in message and "RESEARCH_DATA_DIR" in message
+    os.makedirs(tmp_path / "mnist")
+    with pytest.raises(DataError, match="MNIST files not found in .*train-images-idx3-ubyte.gz.*RESEARCH_DATA_DIR"):
+        peek_shape(data_config(name="mnist", image_size=28))
+
+    with pytest.raises(DataError, match=r"set --config.data.image_size=8"):
+        peek_shape(data_config(image_size=28))
+    with pytest.raises(DataError, match=r"set --config.data.num_classes=10"):
+        peek_shape(data_config(num_classes=5))
+    with pytest.raises(DataError, match="tfds_name"):
+        get_source(data_config(name="tfds"))
+    assert peek_shape(data_config()) == (8, 8, 1)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_model_range_roundtrip():
+    pixels = np.arange(256, dtype=np.uint8)
+    x = to_model_range(pixels)
+    assert x.dtype == np.float32 and x[0] == -1.0 and x[-1] == 1.0
+    np.testing.assert_array_equal(from_model_range(x), pixels)
+    np.testing.assert_array_equal(from_model_range(to_model_range(pixels, centered=False), centered=False), pixels)
+    np.testing.assert_array_equal(from_model_range(np.array([-3.0, 0.0, 3.0])), [0, 128, 255])
+
+
+def test_batches_shape_range_and_determinism():
+    cfg = data_config()
+    a = take(make_train_iterator(cfg, global_batch_size=32, seed=7), 5)
+    b = take(make_train_iterator(cfg, global_batch_size=32, seed=7), 5)
+    c = take(make_train_iterator(cfg, global_batch_size=32, seed=8), 5)
+    assert a[0]["image"].shape == (32, 8, 8, 1) and a[0]["image"].dtype == np.float32
+    assert a[0]["label"].shape == (32,) and a[0]["label"].dtype == np.int32
+    images = np.concatenate([x["image"] for x in a])
+    assert images.min() == -1.0 and images.max() == 1.0
+    assert_batches_equal(a, b)
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+    unit = next(make_train_iterator(data_config(centered=False), global_batch_size=32, seed=7))
+    np.testing.assert_allclose(unit["image"], (a[0]["image"] + 1) / 2, atol=1e-6)
+
+
+def test_epochs_cover_every_example_once_and_reshuffle(tmp_path):
+    n, batch = 250, 32  # 7 batches per epoch; 26 examples dropped each epoch
+    write_idx_split(tmp_path, "train", index_coded_images(n), np.arange(n) % 10, compress=True)
+    cfg = data_config(name="mnist", data_dir=str(tmp_path), image_size=4)
+    it = make_train_iterator(cfg, global_batch_size=batch, seed=0)
+    epochs = [np.concatenate([decode_indices(b) for b in take(it, n // batch)]) for _ in range(3)]
+    for seen in epochs:
+        assert len(seen) == 224 and len(np.unique(seen)) == 224 and seen.max() < n
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(np.sort(epochs[0]), np.sort(epochs[1]))  # different remainders dropped
+    # Labels travel with their images.
+    b = next(make_train_iterator(cfg, global_batch_size=batch, seed=0))
+    np.testing.assert_array_equal(b["label"], decode_indices(b) % 10)
+
+
+def test_checkpoint_state_restores_exactly():
+    cfg = data_config(random_flip=True)
+    it = make_train_iterator(cfg, global_batch_size=256, seed=3)  # 5 batches per epoch
+    take(it, 3)
+    state = it.get_state()
+    expected = take(it, 5)  # crosses the epoch boundary
+    text = json.dumps(state)
+
+    restored = make_train_iterator(cfg, global_batch_size=256, seed=3)
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 5), expected)
+
+    from_json = make_train_iterator(cfg, global_batch_size=256, seed=3)
+    take(from_json, 7)  # a used iterator must be rewound too
+    from_json.set_state(json.loads(text))
+    assert_batches_equal(take(from_json, 5), expected)
+
+
+def test_process_shards_union_equals_single_process():
+    cfg = data_config(random_flip=True)
+    single = take(make_train_iterator(cfg, global_batch_size=64, seed=11), 30)
+    shards = [
+        take(make_train_iterator(cfg, global_batch_size=64, seed=11, process_index=p, process_count=2), 30)
+        for p in range(2)
+    ]
+    for step in range(30):
+        p0, p1 = shards[0][step], shards[1][step]
+        assert p0["image"].shape == (32, 8, 8, 1)
+        np.testing.assert_array_equal(np.concatenate([p0["image"], p1["image"]]), single[step]["image"])
+        np.testing.assert_array_equal(np.concatenate([p0["label"], p1["label"]]), single[step]["label"])
+    with pytest.raises(ValueError, match="multiple of process_count=3"):
+        make_train_iterator(cfg, global_batch_size=64, seed=0, process_index=0, process_count=3)
+    with pytest.raises(DataError, match="fewer than global_batch_size"):
+        make_train_iterator(cfg, global_batch_size=2048, seed=0)
+
+
+def test_random_flip_is_about_half_and_deterministic():
+    plain = take(make_train_iterator(data_config(), global_batch_size=250, seed=5), 6)
+    flipped = take(make_train_iterator(data_config(random_flip=True), global_batch_size=250, seed=5), 6)
+    again = take(make_train_iterator(data_config(random_flip=True), global_batch_size=250, seed=5), 6)
+    assert_batches_equal(flipped, again)
+    x = np.concatenate([b["image"] for b in plain])
+    y = np.concatenate([b["image"] for b in flipped])
+    np.testing.assert_array_equal(
+        np.concatenate([b["label"] for b in plain]), np.concatenate([b["label"] for b in flipped])
+    )
+    same = (x == y).all(axis=(1, 2, 3))
+    mirrored = (x[:, :, ::-1] == y).all(axis=(1, 2, 3))
+    assert (same | mirrored).all()  # every image is either untouched or mirrored
+    asymmetric = ~(x == x[:, :, ::-1]).all(axis=(1, 2, 3))
+    fraction = mirrored[asymmetric].mean()
+    assert asymmetric.sum() > 1400 and 0.45 < fraction < 0.55, fraction
+
+
+def test_eval_arrays():
+    images, labels = make_eval_arrays(data_config(), "test")
+    ref_images, ref_labels = DigitsSource("test").as_array()
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert images.flags.writeable and images.dtype == np.uint8 and labels.dtype == np.int32
+    images[:] = 0
+    assert DigitsSource("test").as_array()[0].max() == 255
+    first, _ = make_eval_arrays(data_config(name="synthetic", image_size=4, channels=3), "test", num=5)
+    assert first.shape == (5, 4, 4, 3)
+    with pytest.raises(DataError, match="has 297"):
+        make_eval_arrays(data_config(), "test", num=1000)

@@ -1,0 +1,129 @@
+"""Training: exact resume, sharded == single device, divergence handling, clear errors before compiling."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from research.config import ConfigError, apply_overrides, validate_config
+from research.data import DataError, make_train_iterator
+from research.train import mesh as mesh_lib
+from research.train.checkpoint import CheckpointMismatchError
+from research.train.loop import TrainingDiverged, build_trainer, train
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
+
+
+def _assert_trees_equal(a, b, **tol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
+
+
+def test_resume_is_exact(tiny_config, tmp_path):
+    straight = train(tiny_config, str(tmp_path / "straight"))
+    first = train(tiny_config, str(tmp_path / "resumed"), stop_at=3)
+    assert first["step"] == 3
+    resumed = train(tiny_config, str(tmp_path / "resumed"))
+    assert resumed["step"] == 6
+
+    steps_a, loss_a = _losses(tmp_path / "straight")
+    steps_b, loss_b = _losses(tmp_path / "resumed")
+    assert steps_a == steps_b == [1, 2, 3, 4, 5, 6]
+    # The same programs on the same inputs: bitwise equal, not merely close.
+    np.testing.assert_array_equal(loss_a, loss_b)
+    _assert_trees_equal(straight["state"].params, resumed["state"].params, rtol=0, atol=0)
+    _assert_trees_equal(straight["state"].ema_params, resumed["state"].ema_params, rtol=0, atol=0)
+    _assert_trees_equal(straight["state"].opt_state, resumed["state"].opt_state, rtol=0, atol=0)
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))[-1] == "6"
+    for name in ("config.json", "run_info.json"):
+        assert os.path.isfile(tmp_path / "resumed" / name)
+    info = json.load(open(tmp_path / "resumed" / "run_info.json"))
+    assert info["seed"] == tiny_config.seed and "jax" in info["versions"] and info["git_commit"]
+
+
+@pytest.mark.parametrize("mesh_model", [1, 2])
+def test_sharded_step_equals_single_device(tiny_config, mesh_model):
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    one = build_trainer(tiny_config, mesh_lib.make_mesh(1, jax.devices()[:1]))
+    many = build_trainer(tiny_config, mesh_lib.make_mesh(mesh_model))
+    assert many.mesh.shape["data"] == 8 // mesh_model
+    it = make_train_iterator(tiny_config.data, global_batch_size=16, seed=0)
+    batches = [next(it) for _ in range(3)]
+
+    states = []
+    for trainer in (one, many):
+        state = trainer.init(jax.random.PRNGKey(0))
+        for b in batches:
+            state, metrics = trainer.step(state, mesh_lib.global_batch(b, trainer.batch_sharding))
+        states.append(jax.device_get(state))
+    # The 8-device state really is spread out (and split along 'model' when asked).
+    shardings = jax.tree.leaves(many.state_sharding)
+    assert all(len(s.mesh.devices.flat) == 8 for s in shardings)
+    if mesh_model == 2:
+        assert any("model" in str(s.spec) for s in shardings)
+    _assert_trees_equal(states[0].params, states[1].params, rtol=1e-4, atol=1e-6)
+    _assert_trees_equal(states[0].ema_params, states[1].ema_params, rtol=1e-4, atol=1e-6)
+    # and training moved the parameters, so the comparison is not between two copies of the init
+    init = jax.device_get(one.init(jax.random.PRNGKey(0)).params)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), init, states[0].params))
+    assert max(moved) > 1e-4
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    train(tiny_config, workdir, stop_at=3)
+    bad = apply_overrides(tiny_config, [("optim.lr", "1e30"), ("optim.grad_clip", "0"), ("train.num_steps", "12")])
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint \(step 3\)"):
+        train(bad, workdir)
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3]
+
+
+def test_checkpoint_from_other_model_is_refused(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    train(tiny_config, workdir, stop_at=3)
+    wider = apply_overrides(tiny_config, [("model.ch", "32")])
+    with pytest.raises(CheckpointMismatchError, match=r"different model.*model\.ch: checkpoint 16 vs config 32"):
+        train(wider, workdir)
+
+
+def _no_compile(monkeypatch):
+    """Make any attempt to build the model or its programs fail loudly: errors must come first."""
+    import research.train.loop as loop
+
+    def boom(*a, **k):
+        raise AssertionError("compilation started before the input was validated")
+    monkeypatch.setattr(loop, "build_trainer", boom)
+
+
+def test_bad_input_fails_before_compilation(tiny_config, tmp_path, monkeypatch):
+    _no_compile(monkeypatch)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.chanels' \(did you mean 'model\.channels'|"
+                                          r"unknown config key 'model\.chanels'"):
+        apply_overrides(tiny_config, [("model.chanels", "3")])
+    with pytest.raises(ConfigError, match=r"did you mean 'optim\.lr'"):
+        apply_overrides(tiny_config, [("optim.lrr", "3")])
+
+    odd = apply_overrides(tiny_config, [("data.name", "mnist"), ("data.image_size", "28"),
+                                        ("model.ch_mult", "(1,2,2,2)")])
+    with pytest.raises(ConfigError, match=r"cannot be downsampled 3 times.*divisible by 8"):
+        train(odd, str(tmp_path / "a"))
+
+    missing = apply_overrides(tiny_config, [("data.name", "mnist"), ("data.image_size", "28"),
+                                            ("data.data_dir", str(tmp_path / "nowhere"))])
+    with pytest.raises(DataError, match="nowhere"):
+        train(missing, str(tmp_path / "b"))
+
+    wrong_size = apply_overrides(tiny_config, [("data.image_size", "16")])
+    with pytest.raises((ConfigError, DataError), match="image_size"):
+        train(wrong_size, str(tmp_path / "c"))
+
+    with pytest.raises(ConfigError, match=r"diffusion.prediction='epsilon' is not valid"):
+        validate_config(apply_overrides(tiny_config, [("diffusion.prediction", "epsilon")]))
+    with pytest.raises(ConfigError, match="batch_size=12 is not divisible by the 8"):
+        train(apply_overrides(tiny_config, [("train.batch_size", "12")]), str(tmp_path / "d"))
+    assert not os.path.exists(tmp_path / "a" / "checkpoints")
