@@ -244,6 +244,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
     if not 0.0 <= config.sample.eta:
         raise ConfigError(f"sample.eta must be >= 0, got {config.sample.eta}")
+    from research.models import build_model
+    try:
+        build_model(config.model, out_channels=config.data.channels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if config.model.name == "unet":
         from research.models.unet import check_resolution
         try:

@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def tiny_config():
+    return make_tiny_config()
+
+
+def make_tiny_config():
     """A U-Net small enough to compile and train in seconds on digits (8x8)."""
     from research.config import base_config
 

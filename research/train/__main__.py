@@ -49,18 +49,14 @@ def main(argv=None) -> int:
         absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:
         pass
-    from research.train.loop import TrainingDiverged, train
+    from research.data import DataError
     from research.train.checkpoint import CheckpointMismatchError
+    from research.train.loop import TrainingDiverged, train
     try:
         result = train(config, workdir)
-    except (ConfigError, CheckpointMismatchError, TrainingDiverged) as e:
+    except (ConfigError, DataError, CheckpointMismatchError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # data errors (DataError) and model argument errors
-        if type(e).__name__ in ("DataError",) or "model." in str(e):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
     print(f"finished at step {result['step']}; workdir: {workdir}")
     return 0
 
