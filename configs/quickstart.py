@@ -24,8 +24,8 @@ def get_config():
     c.optim.warmup_steps = 200
     c.optim.lr_schedule = "cosine"
 
-    c.train.batch_size = 128
-    c.train.num_steps = 3000
+    c.train.batch_size = 64
+    c.train.num_steps = 2000
     c.train.ema_decay = 0.995
     c.train.ema_warmup = True
     c.train.log_every = 50

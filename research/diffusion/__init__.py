@@ -1,4 +1,4 @@
-"""Model-agnostic diffusion math: schedules, Gaussian forward/posterior algebra, samplers.
+"""Model-agnostic diffusion math: schedules, Gaussian forward/posterior algebra, samplers, likelihoods.
 
 Depends only on numpy and jax.numpy (never flax or research.models), so any denoiser that maps
 (x_t [B, H, W, C], t [B] int32, cond) -> output can be trained and sampled with it.
@@ -19,6 +19,24 @@ from research.diffusion.gaussian import (
     q_sample,
     simple_loss,
     training_target,
+)
+from research.diffusion.likelihood import (
+    DEFAULT_UNIFORM_PROB,
+    ImportanceState,
+    approx_standard_normal_cdf,
+    bits_per_dim,
+    discretized_gaussian_log_likelihood,
+    hybrid_loss,
+    importance_init,
+    importance_probs,
+    importance_sample,
+    importance_update,
+    importance_warm,
+    normal_kl,
+    prior_bpd,
+    standard_normal_cdf,
+    vlb_loss,
+    vlb_terms,
 )
 from research.diffusion.samplers import (
     SAMPLERS,
@@ -42,25 +60,38 @@ from research.diffusion.schedules import (
 
 __all__ = [
     "BETA_SCHEDULES",
+    "DEFAULT_UNIFORM_PROB",
+    "ImportanceState",
+    "ModelPrediction",
     "PREDICTIONS",
     "SAMPLERS",
-    "VAR_TYPES",
-    "ModelPrediction",
     "SampleResult",
     "Schedule",
+    "VAR_TYPES",
+    "approx_standard_normal_cdf",
+    "bits_per_dim",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
     "ddpm_step",
+    "discretized_gaussian_log_likelihood",
     "extract",
     "get_betas",
+    "hybrid_loss",
+    "importance_init",
+    "importance_probs",
+    "importance_sample",
+    "importance_update",
+    "importance_warm",
     "interpret_output",
     "make_schedule",
+    "normal_kl",
     "predict_eps_from_v",
     "predict_eps_from_x0",
     "predict_v",
     "predict_x0_from_eps",
     "predict_x0_from_v",
+    "prior_bpd",
     "q_posterior",
     "q_sample",
     "respace",
@@ -68,6 +99,9 @@ __all__ = [
     "simple_loss",
     "space_timesteps",
     "split_sample_key",
+    "standard_normal_cdf",
     "step_noise",
     "training_target",
+    "vlb_loss",
+    "vlb_terms",
 ]
