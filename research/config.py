@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
         beta_end=0.02,
         prediction="eps",       # eps | x0 | v
         var_type="fixed_small",  # fixed_small | fixed_large | learned_range
+        loss="simple",          # simple | hybrid (simple + vlb_weight * L_vlb, iDDPM) | vlb
+        vlb_weight=0.001,       # lambda of L_hybrid
+        t_sampling="uniform",   # uniform | importance (loss-aware sampling of t for L_vlb, iDDPM Sec. 3.3)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
@@ -90,6 +93,28 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.lock()
     return c
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+    """Rebuild a run's config (e.g. its config.json) on top of base_config(), so keys added to the codebase
+    since the run was written take their defaults. Lists become tuples where the field is a tuple."""
+    config = base_config()
+    for section, fields in values.items():
+        if not isinstance(fields, dict):
+            config[section] = fields
+            continue
+        if section not in config:
+            continue
+        if section == "model":  # a model section belongs to its backbone: take it whole
+            with config.unlocked():
+                config.model = ml_collections.ConfigDict(
+                    {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            continue
+        node = config[section]
+        for key, value in fields.items():
+            if key in node:
+                node[key] = tuple(value) if isinstance(node[key], tuple) and isinstance(value, list) else value
+    return config
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -219,6 +244,8 @@ _CHOICES = {
     "diffusion.schedule": ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid"),
     "diffusion.prediction": ("eps", "x0", "v"),
     "diffusion.var_type": ("fixed_small", "fixed_large", "learned_range"),
+    "diffusion.loss": ("simple", "hybrid", "vlb"),
+    "diffusion.t_sampling": ("uniform", "importance"),
     "optim.optimizer": ("adam", "adamw"),
     "optim.lr_schedule": ("constant", "cosine"),
     "sample.sampler": ("ddpm", "ddim"),
@@ -240,6 +267,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key} must be >= 1, got {config[section][leaf]}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    d = config.diffusion
+    if d.var_type == "learned_range" and d.loss == "simple":
+        raise ConfigError("diffusion.var_type='learned_range' trains its variance only through L_vlb: set "
+                          "diffusion.loss='hybrid' (iDDPM) or 'vlb'")
+    if d.loss == "hybrid" and d.var_type != "learned_range":
+        raise ConfigError("diffusion.loss='hybrid' adds L_vlb to train a learned variance: set "
+                          "diffusion.var_type='learned_range' (or use loss='simple' with a fixed variance)")
+    if d.t_sampling == "importance" and d.loss != "vlb":
+        raise ConfigError("diffusion.t_sampling='importance' is for diffusion.loss='vlb' (the iDDPM paper uses it "
+                          "only there; L_simple and L_hybrid use uniform t)")
     if config.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
     if not 0.0 <= config.sample.eta:

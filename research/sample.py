@@ -20,21 +20,15 @@ import numpy as np
 
 def load_run(workdir: str, step=None, use_ema: bool = True):
     """-> (config, model, params, step) from a training workdir."""
-    import jax
-    import ml_collections
-    from research.config import ConfigError
-    from research.train.checkpoint import Checkpointer, param_signature
-    from research.train.loop import abstract_params, model_from_config
-    from research.train.state import init_train_state, make_optimizer
+    from research.config import ConfigError, config_from_dict
+    from research.train.checkpoint import Checkpointer
+    from research.train.loop import build_trainer
 
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"{workdir} has no config.json: is it a training workdir (python -m research.train ... --workdir)?")
     with open(cfg_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    for key in ("ch_mult", "attn_resolutions"):
-        if key in config.model and isinstance(config.model[key], list):
-            config.model[key] = tuple(config.model[key])
+        config = config_from_dict(json.load(f))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
     steps = ckpt.all_steps()
     if not steps:
@@ -42,14 +36,11 @@ def load_run(workdir: str, step=None, use_ema: bool = True):
     step = ckpt.latest_step() if step is None else step
     if step not in steps:
         raise ConfigError(f"no checkpoint at step {step}; available: {sorted(steps)}")
-    model = model_from_config(config)
-    abstract_p = abstract_params(model, config)
-    ckpt.check_compatible(step, {"params": param_signature(abstract_p), "model": {}})
-    tx = make_optimizer(config.optim, config.train.num_steps)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, config.seed), abstract_p)
-    state, _, _ = ckpt.restore(step, abstract_state)
+    trainer = build_trainer(config)  # shapes and shardings only; nothing is compiled until called
+    ckpt.check_compatible(step, trainer.meta)
+    state, _, _ = ckpt.restore(step, trainer.abstract_state_sharded())
     ckpt.close()
-    return config, model, (state.ema_params if use_ema else state.params), step
+    return config, trainer.model, (state.ema_params if use_ema else state.params), step
 
 
 def main(argv=None) -> int:

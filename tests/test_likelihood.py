@@ -219,9 +219,13 @@ def test_learned_range_endpoints_and_diffusers_respaced():
     rng = np.random.default_rng(7)
     mean_ch = jnp.asarray(rng.standard_normal((1, 2, 2, 3)), jnp.float32)
 
+    @jax.jit
+    def _logvar(i, v):
+        out = jnp.concatenate([mean_ch, v * jnp.ones_like(mean_ch)], -1)
+        return D.interpret_output(sched, xt, i, out, var_type="learned_range").log_variance
+
     def logvar(i, v):
-        out = jnp.concatenate([mean_ch, jnp.asarray(v, jnp.float32) * jnp.ones_like(mean_ch)], -1)
-        return np.asarray(D.interpret_output(sched, xt, i, out, var_type="learned_range").log_variance)
+        return np.asarray(_logvar(jnp.int32(i), jnp.asarray(v, jnp.float32)))
 
     for i in range(S):
         np.testing.assert_allclose(logvar(i, -1.0), sched.posterior_log_variance_clipped[i], rtol=1e-6)
@@ -233,7 +237,7 @@ def test_learned_range_endpoints_and_diffusers_respaced():
     ref = DDPMScheduler(num_train_timesteps=S, trained_betas=sched.betas, variance_type="learned_range")
     # diffusers stores float32 tables; 1 - abar_t / abar_{t-1} then loses ~1e-5 relative. Recompute its
     # tables in float64 with its own formulas so the comparison checks formulas, not rounding.
-    ref.betas = torch.from_numpy(np.asarray(sched.betas, np.float64))
+    ref.betas = torch.from_numpy(np.array(sched.betas, np.float64))
     ref.alphas = 1.0 - ref.betas
     ref.alphas_cumprod = torch.cumprod(ref.alphas, dim=0)
     ref.one = torch.tensor(1.0, dtype=torch.float64)
@@ -280,9 +284,9 @@ def _check_hybrid_gradients():
     np.testing.assert_allclose(np.asarray(vlb),
                                sched.num_steps * np.asarray(L.vlb_terms(sched, x0, x_t, t, out)), rtol=1e-12)
 
-    g_total = jax.grad(lambda o: jnp.sum(L.hybrid_loss(sched, x0, t, noise, o, vlb_weight=w)[0]))(out)
-    g_simple = jax.grad(lambda m: jnp.sum(D.simple_loss(sched, x0, t, noise, m)))(out[..., :C])
-    g_vlb = jax.grad(lambda o: jnp.sum(sched.num_steps * L.vlb_terms(sched, x0, x_t, t, o)))(out)
+    g_total = jax.jit(jax.grad(lambda o: jnp.sum(L.hybrid_loss(sched, x0, t, noise, o, vlb_weight=w)[0])))(out)
+    g_simple = jax.jit(jax.grad(lambda m: jnp.sum(D.simple_loss(sched, x0, t, noise, m))))(out[..., :C])
+    g_vlb = jax.jit(jax.grad(lambda o: jnp.sum(sched.num_steps * L.vlb_terms(sched, x0, x_t, t, o))))(out)
     np.testing.assert_allclose(np.asarray(g_total[..., :C]), np.asarray(g_simple), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(np.asarray(g_total[..., C:]), w * np.asarray(g_vlb[..., C:]), rtol=1e-9, atol=1e-14)
     assert float(jnp.max(jnp.abs(g_total[..., C:]))) > 0
@@ -296,7 +300,7 @@ def _check_hybrid_gradients():
     np.testing.assert_allclose(np.asarray(lv), np.asarray(vlb), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(L.vlb_loss(sched, x0, t, noise, out, rescale=False)) * sched.num_steps,
                                np.asarray(vlb), rtol=1e-12)
-    g_lv = jax.grad(lambda o: jnp.sum(L.vlb_loss(sched, x0, t, noise, o)))(out)
+    g_lv = jax.jit(jax.grad(lambda o: jnp.sum(L.vlb_loss(sched, x0, t, noise, o))))(out)
     np.testing.assert_allclose(np.asarray(g_lv), np.asarray(g_vlb), rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="2C"):
         L.hybrid_loss(sched, x0, t, noise, out[..., :C])
@@ -345,10 +349,11 @@ def test_importance_sampling_uniform_then_formula_and_unbiased():
     state = L.importance_init(T)
     key = jax.random.PRNGKey(0)
     sample = jax.jit(L.importance_sample, static_argnums=2)
+    update = jax.jit(L.importance_update)
 
     # Not warm: uniform t, weights exactly 1 (also after a partial fill).
-    state = L.importance_update(state, jnp.arange(T).repeat(H - 1), jnp.ones(T * (H - 1)))
-    state = L.importance_update(state, jnp.arange(T - 1).repeat(1), jnp.ones(T - 1))
+    state = update(state, jnp.arange(T).repeat(H - 1), jnp.ones(T * (H - 1)))
+    state = update(state, jnp.arange(T - 1), jnp.ones(T - 1))
     assert not bool(L.importance_warm(state))
     t, w = sample(state, key, B)
     assert t.dtype == jnp.int32 and w.dtype == jnp.float32 and t.shape == (B,)
@@ -361,7 +366,7 @@ def test_importance_sampling_uniform_then_formula_and_unbiased():
     losses = rng.uniform(0.1, 3.0, (T, H)) * np.array([1, 2, 4, 8, 16, 32])[:, None]
     state = L.importance_init(T)
     for j in range(H):
-        state = L.importance_update(state, jnp.arange(T), jnp.asarray(losses[:, j], jnp.float32))
+        state = update(state, jnp.arange(T), jnp.asarray(losses[:, j], jnp.float32))
     assert bool(L.importance_warm(state))
     rms = np.sqrt(np.mean(losses**2, axis=1))
     p_ref = 0.999 * rms / rms.sum() + 0.001 / T

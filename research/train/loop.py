@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from research.config import ConfigError, validate_config
+from research.diffusion import likelihood
 from research.models import build_model
 from research.sampling import Generator, schedule_from_config, to_uint8
 from research.images import save_grid
@@ -125,12 +126,17 @@ def build_trainer(config, mesh=None) -> Trainer:
     loss_fn = make_loss_fn(model, schedule, config.diffusion, conditional=conditional)
     step_fn = make_train_step(loss_fn, tx, lr_schedule, tc.ema_decay, tc.ema_warmup)
     abstract_p = abstract_params(model, config)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, config.seed), abstract_p)
+    def make_t_sampler():
+        if config.diffusion.t_sampling == "importance":
+            return likelihood.importance_init(schedule.num_steps)
+        return None
+
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, config.seed, make_t_sampler()), abstract_p)
     state_sh = mesh_lib.state_shardings(mesh, abstract_state)
     batch_sh = mesh_lib.batch_sharding(mesh)
     model_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.to_dict().items()}
     meta = {"params": param_signature(abstract_p), "model": model_cfg}
-    init = jax.jit(lambda key: init_train_state(init_params(model, config, key), tx, config.seed),
+    init = jax.jit(lambda key: init_train_state(init_params(model, config, key), tx, config.seed, make_t_sampler()),
                    out_shardings=state_sh)
     step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
     return Trainer(model, schedule, mesh, abstract_state, state_sh, batch_sh, init, step, meta, conditional)
@@ -144,9 +150,6 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     from research.data import make_train_iterator, peek_shape
 
     validate_config(config)
-    if config.diffusion.var_type == "learned_range":
-        raise ConfigError("diffusion.var_type='learned_range' needs the VLB term in the loss to train the variance; "
-                          "this trainer has only the simple loss. Use fixed_small or fixed_large.")
     tc = config.train
     n_dev = jax.device_count()
     mesh = mesh_lib.make_mesh(tc.mesh_model)

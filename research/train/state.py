@@ -17,6 +17,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array           # raw uint32 [2] key; step k uses fold_in(rng, k), so resuming needs no RNG replay
+    t_sampler: Any = None    # loss-history buffer for importance-sampled t (diffusion.t_sampling='importance')
 
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
@@ -41,9 +42,9 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
     return optax.chain(*parts)
 
 
-def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_train_state(params, tx: optax.GradientTransformation, seed: int, t_sampler=None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
+                      rng=jax.random.PRNGKey(seed), t_sampler=t_sampler)
 
 
 def ema_update(ema_params, params, decay: float):
