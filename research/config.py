@@ -118,13 +118,17 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Load `file.py` (get_config()) or `file.py:arg` (get_config(arg), for files with named variants)."""
+    arg = None
+    if not os.path.isfile(path) and ":" in path:
+        path, arg = path.rsplit(":", 1)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist (configs live in configs/, e.g. configs/quickstart.py)")
     spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        config = module.get_config()
+        config = module.get_config() if arg is None else module.get_config(arg)
     except (AttributeError, KeyError) as e:
         # ConfigDict raises these for a key that base_config() does not define.
         raise ConfigError(f"{path}: {e}") from e

@@ -90,3 +90,39 @@ def test_sample_cli_writes_grid_and_npz(trained_run, tmp_path, sampler, steps):
 def test_sample_cli_reports_missing_run(tmp_path, capsys):
     assert sample_cli.main(["--workdir", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_evaluate_bpd_cli_writes_finite_bound(trained_run, capsys):
+    from research import evaluate
+    assert evaluate.main(["bpd", "--workdir", trained_run, "--steps", "10", "--num", "6", "--batch-size", "4",
+                          "--split", "test"]) == 0
+    import json
+    result = json.load(open(os.path.join(trained_run, "eval", "bpd_10.json")))
+    assert result["num_steps"] == 10 and result["num_images"] == 6 and len(result["terms_bpd"]) == 10
+    # total = prior + all terms, averaged over images
+    assert np.isfinite(result["bpd"]) and result["bpd"] > 0
+    np.testing.assert_allclose(result["bpd"], result["prior_bpd"] + sum(result["terms_bpd"]), rtol=1e-5)
+    assert "bits/dim" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant,var_type,loss", [("cosine-hybrid", "learned_range", "hybrid"),
+                                                   ("linear-simple", "fixed_small", "simple"),
+                                                   ("cosine-vlb", "learned_range", "vlb"),
+                                                   ("linear-simple-fixedlarge", "fixed_large", "simple")])
+def test_iddpm_mnist_variants(variant, var_type, loss):
+    c = get_config(os.path.join(ROOT, "configs/iddpm_mnist.py") + ":" + variant)
+    assert (c.diffusion.schedule, c.diffusion.var_type, c.diffusion.loss) == (variant.split("-")[0], var_type, loss)
+    assert c.diffusion.t_sampling == ("importance" if loss == "vlb" else "uniform")
+
+
+def test_iddpm_cifar10_config_is_the_paper_recipe():
+    c = get_config(os.path.join(ROOT, "configs/iddpm_cifar10.py"))
+    assert (c.diffusion.timesteps, c.diffusion.schedule, c.diffusion.loss, c.diffusion.vlb_weight) == (
+        4000, "cosine", "hybrid", 0.001)
+    assert (c.model.num_res_blocks, c.model.dropout, c.optim.lr, c.train.batch_size) == (3, 0.3, 1e-4, 128)
+    assert c.diffusion.var_type == "learned_range"
+
+
+def test_unknown_variant_is_a_clear_error():
+    with pytest.raises(Exception, match="unknown variant 'cosine-l2'"):
+        get_config(os.path.join(ROOT, "configs/iddpm_mnist.py") + ":cosine-l2")
