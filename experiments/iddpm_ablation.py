@@ -1,7 +1,7 @@
 """The Improved DDPM ablation at MNIST scale: {linear, cosine} schedule x {L_simple, L_hybrid}.
 
-    python -m experiments.iddpm_ablation [--out runs/iddpm_ablation] [--steps 600] [--quick]
-        [--eval-steps 25,50,100,1000] [--eval-num 32]
+    python -m experiments.iddpm_ablation [--out runs/iddpm_ablation] [--steps 400] [--quick]
+        [--eval-steps 25,50,100,1000] [--eval-num 16]
 
 Trains the four variants of configs/iddpm_mnist.py (L_simple with fixed-small variance; L_hybrid with
 learned-range variance) for the same budget (--steps at batch 64), then evaluates each EMA model's variational
@@ -9,8 +9,9 @@ bound in bits/dim on MNIST test images with the schedule respaced to each of --e
 the full chain). Writes OUT/ablation.csv, OUT/ablation.md and OUT/ablation.png (bits/dim vs steps).
 Each run and each evaluation is cached in OUT, so an interrupted run picks up where it stopped.
 
-Default budget: 600 steps x 64 images per variant, bits/dim on 32 test images; on 2 CPU cores this takes
-about 45 minutes. --quick: 60 steps, 8 images, eval at 25,100 steps (minutes; a smoke test, not a result).
+Default budget: 400 steps x 64 images per variant (under half an MNIST epoch), bits/dim on 16 test images;
+on 2 CPU cores this takes about 35 minutes. Raise --steps and --eval-num for a result that separates the
+variants beyond their error bars. --quick: 60 steps, 8 images, eval at 25,100 steps (minutes; a smoke test, not a result).
 FID joins the table when the evaluation issue's metrics land.
 """
 
@@ -100,9 +101,9 @@ def write_outputs(rows, out, eval_steps, wall):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/iddpm_ablation")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-steps", default="25,50,100,1000")
-    p.add_argument("--eval-num", type=int, default=32)
+    p.add_argument("--eval-num", type=int, default=16)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args(argv)
