@@ -18,6 +18,7 @@ first access and cached on the instance.
 
 from __future__ import annotations
 
+import abc
 import gzip
 import os
 import pickle
@@ -68,7 +69,7 @@ def _check_index(index: Any, length: int) -> int:
     return index
 
 
-class _ArraySource:
+class _ArraySource(abc.ABC):
     """Base for sources that hold a whole split in memory once loaded."""
 
     def __init__(self) -> None:
@@ -76,8 +77,9 @@ class _ArraySource:
         self._images: np.ndarray | None = None
         self._labels: np.ndarray | None = None
 
+    @abc.abstractmethod
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """Read the whole split: (images uint8 [N, H, W, C], labels int32 [N])."""
 
     def as_array(self) -> tuple[np.ndarray, np.ndarray]:
         """Returns read-only ``(images uint8 [N,H,W,C], labels int32 [N])``."""
