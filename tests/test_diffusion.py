@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch  # noqa: E402  (the test extra installs it; a missing reference must fail, not skip)
+import diffusers  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 import diffusers.schedulers.scheduling_ddpm as ddpm_module  # noqa: E402
 

@@ -14,8 +14,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from research.models.layers import AttentionBlock, ResBlock
 from research.models.unet import UNet
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch  # noqa: E402  (the test extra installs it; a missing reference must fail, not skip)
+import diffusers  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 
 
