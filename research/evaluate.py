@@ -28,16 +28,14 @@ def evaluate_bpd(model, params, config, images_uint8: np.ndarray, *, steps=None,
 
     from research.data import to_model_range
     from research.diffusion import likelihood
-    from research.sampling import sampling_schedule, schedule_from_config
+    from research.sampling import make_denoiser, sampling_schedule, schedule_from_config
 
     schedule = sampling_schedule(schedule_from_config(config.diffusion),
                                  config.diffusion.timesteps if steps is None else steps)
     d = config.diffusion
 
     def run(params, x0, key, cond):
-        def denoise(x_t, t, c):
-            return model.apply({"params": params}, x_t, t, c, train=False)
-        out = likelihood.bits_per_dim(denoise, schedule, x0, key, prediction=d.prediction, var_type=d.var_type,
+        out = likelihood.bits_per_dim(make_denoiser(model, params), schedule, x0, key, prediction=d.prediction, var_type=d.var_type,
                                       cond=cond)
         return out["total"], out["prior"], out["vlb_terms"]
 
@@ -57,7 +55,9 @@ def evaluate_bpd(model, params, config, images_uint8: np.ndarray, *, steps=None,
             lab = np.resize(np.asarray(labels[b * batch_size:(b + 1) * batch_size], np.int32), batch_size)
             cond = jnp.asarray(lab)
         total, prior, vlb = jax.device_get(run(params, x0, jax.random.fold_in(jax.random.PRNGKey(seed), b), cond))
-        totals.append(total[:real]), priors.append(prior[:real]), terms.append(vlb[:real])
+        totals.append(total[:real])
+        priors.append(prior[:real])
+        terms.append(vlb[:real])
     total, prior, vlb = np.concatenate(totals), np.concatenate(priors), np.concatenate(terms)
     return {"bpd": float(total.mean()), "bpd_stderr": float(total.std(ddof=1) / math.sqrt(len(total))) if n > 1 else 0.0,
             "prior_bpd": float(prior.mean()), "decoder_bpd": float(vlb[:, 0].mean()),

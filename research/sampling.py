@@ -14,6 +14,13 @@ from research.diffusion import samplers
 from research.diffusion.schedules import Schedule, make_schedule, respace, space_timesteps
 
 
+def make_denoiser(model, params):
+    """The sampler/likelihood contract denoise(x_t, t, cond) -> model output, in inference mode."""
+    def denoise(x_t, t, cond):
+        return model.apply({"params": params}, x_t, t, cond, train=False)
+    return denoise
+
+
 def schedule_from_config(diffusion_config) -> Schedule:
     return make_schedule(diffusion_config.schedule, diffusion_config.timesteps,
                          beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end)
@@ -73,9 +80,7 @@ class Generator:
         schedule, name = self.schedule, self.sampler
 
         def run(params, key, labels):
-            def denoise(x_t, t, cond):
-                return model.apply({"params": params}, x_t, t, cond, train=False)
-            return samplers.sample(name, denoise, schedule, key, shape, cond=labels, **kwargs)
+            return samplers.sample(name, make_denoiser(model, params), schedule, key, shape, cond=labels, **kwargs)
 
         self._run = jax.jit(run)
 

@@ -165,7 +165,7 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     workdir = os.path.abspath(workdir)
     write_run_files(config, workdir)
     trainer = build_trainer(config, mesh)
-    model, state_sh, batch_sh, meta = trainer.model, trainer.state_sharding, trainer.batch_sharding, trainer.meta
+    model, batch_sh, meta = trainer.model, trainer.batch_sharding, trainer.meta
     conditional = trainer.conditional
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
