@@ -1,0 +1,225 @@
+"""Sample-quality evaluation: feature spaces, image sources, cached reference features, and one result dict.
+
+A *feature space* turns uint8 images [N, H, W, C] into features [N, D]:
+  inception   the FID Inception-v3 (pool features, 2048-d) under a named preprocessing protocol
+  domain      a small classifier trained on the dataset itself (penultimate features), for 8x8 and 28x28 sets
+              where Inception at 299x299 is slow on a CPU; its softmax also gives a classifier score
+Every number carries the description of its space (network, preprocessing, sample count, reference).
+
+An *image source* is a path (an .npz holding `images` uint8 [N, H, W, C] as research.sample writes, or `arr_0`
+as reference batches often do; or a folder of PNG/JPEG files) or a dataset spec `name:split[:num]`
+(e.g. `mnist:train`, `fashion_mnist:test:10000`, `digits:train`). A statistics file (.npz with `mu` and
+`sigma`, as pytorch-fid and `python -m research.evaluate stats` write) stands in for a source where only the
+FID is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from research.metrics.cache import cache_dir
+
+FEATURE_SPACES = ("inception", "domain")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class EvaluationError(ValueError):
+    """A user-caused problem with an evaluation request (bad path, spec, shape or metric)."""
+
+
+# ----------------------------------------------------------------------------------------------- image sources
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    split: str
+    num: Optional[int] = None
+
+    def __str__(self):
+        return f"{self.name}:{self.split}" + (f":{self.num}" if self.num else "")
+
+
+def parse_dataset_spec(text: str) -> Optional[DatasetSpec]:
+    """'mnist:train' / 'mnist:test:1000' -> DatasetSpec; anything that exists as a path -> None."""
+    if os.path.exists(text) or ":" not in text:
+        return None
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise EvaluationError(f"{text!r} is neither an existing path nor a dataset spec name:split[:num]")
+    num = None
+    if len(parts) == 3:
+        if not parts[2].isdigit() or int(parts[2]) <= 0:
+            raise EvaluationError(f"{text!r}: the number of images must be a positive integer")
+        num = int(parts[2])
+    return DatasetSpec(parts[0], parts[1], num)
+
+
+def dataset_images(spec: DatasetSpec, data_dir: Optional[str] = None):
+    """-> (uint8 images [N, H, W, C], int32 labels [N]) of a dataset split, through the project's data sources."""
+    from research.data.pipeline import _read
+    from research.data.sources import get_source
+
+    # The data layer raises DataError naming the fix when files are missing or the name is unknown.
+    source = get_source({"name": spec.name, "data_dir": data_dir or ""}, spec.split, check_shape=False)
+    if spec.num is not None and spec.num > len(source):
+        raise EvaluationError(f"{spec} asks for {spec.num} images but the split has {len(source)}")
+    images, labels = _read(source, np.arange(spec.num or len(source)))
+    return np.array(images, np.uint8), np.array(labels, np.int32)
+
+
+def load_images(path: str) -> np.ndarray:
+    """uint8 [N, H, W, C] from an .npz of images or a folder of image files (sorted by name)."""
+    if os.path.isdir(path):
+        from PIL import Image
+
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
+            raise EvaluationError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        images = []
+        for n in names:
+            with Image.open(os.path.join(path, n)) as im:
+                arr = np.asarray(im.convert("L") if im.mode in ("L", "LA", "P", "1", "I", "I;16") else im.convert("RGB"))
+            images.append(arr[..., None] if arr.ndim == 2 else arr)
+        shapes = {a.shape for a in images}
+        if len(shapes) > 1:
+            raise EvaluationError(f"images in {path} differ in shape: {sorted(shapes)[:4]}")
+        return np.stack(images)
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path} does not exist")
+    if not path.endswith(".npz"):
+        raise EvaluationError(f"{path}: expected an .npz file or a folder of images")
+    with np.load(path) as f:
+        key = "images" if "images" in f else "arr_0" if "arr_0" in f else None
+        if key is None:
+            if "mu" in f and "sigma" in f:
+                raise EvaluationError(f"{path} holds statistics (mu, sigma), not images: only FID can use it")
+            raise EvaluationError(f"{path} has no 'images' (or 'arr_0') array; it has {list(f.keys())}")
+        images = f[key]
+    return check_images(images, path)
+
+
+def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise EvaluationError(f"{where}: expected images [N, H, W, C] with C in (1, 3), got shape {images.shape}")
+    if images.dtype != np.uint8:
+        if np.issubdtype(images.dtype, np.floating) and images.min() >= 0 and images.max() <= 255:
+            images = np.round(images).astype(np.uint8)
+        else:
+            raise EvaluationError(f"{where}: expected uint8 pixels 0..255, got {images.dtype} in "
+                                  f"[{images.min()}, {images.max()}] (convert with research.sampling.to_uint8)")
+    return images
+
+
+def is_statistics_file(path: str) -> bool:
+    if not (os.path.isfile(path) and path.endswith(".npz")):
+        return False
+    with np.load(path) as f:
+        return "mu" in f and "sigma" in f and "images" not in f and "arr_0" not in f
+
+
+# ----------------------------------------------------------------------------------------------- feature spaces
+
+@dataclass
+class FeatureSpace:
+    """A named map uint8 images [N, H, W, C] -> float features [N, D] (+ class probabilities for domain)."""
+    kind: str
+    name: str  # identifies network + weights + preprocessing: part of every cache key
+    description: str
+    features: Callable[..., np.ndarray]
+    probs: Optional[Callable[..., np.ndarray]] = None
+    extra: dict = field(default_factory=dict)
+
+
+def feature_space(kind: str, dataset: Optional[str] = None, *, protocol: str = "pytorch-fid",
+                  batch_size: Optional[int] = None, data_dir: Optional[str] = None) -> FeatureSpace:
+    if kind == "inception":
+        from research.metrics import inception
+
+        kwargs = {} if batch_size is None else {"batch_size": batch_size}
+        net = inception.InceptionFeatures(protocol=protocol, **kwargs)
+        return FeatureSpace("inception", f"inception-{net.weights_tag}-{protocol}",
+                            f"FID Inception-v3 pool features (2048-d), {inception.protocol_description(protocol)}",
+                            net)
+    if kind == "domain":
+        if not dataset:
+            raise EvaluationError("the domain feature space needs a dataset (e.g. --domain mnist): its classifier "
+                                  "is trained on that dataset")
+        from research.metrics import classifier
+
+        clf = classifier.get_domain_classifier(dataset, data_dir=data_dir)
+        return FeatureSpace("domain", f"domain-{clf.name}-{clf.checksum[:12]}",
+                            f"{clf.name} classifier penultimate features (test accuracy "
+                            f"{clf.test_accuracy:.2%}, sha256 {clf.checksum[:12]})",
+                            clf.features, clf.probs, {"test_accuracy": clf.test_accuracy})
+    raise EvaluationError(f"unknown feature space {kind!r}: use one of {FEATURE_SPACES}")
+
+
+def reference_features(space: FeatureSpace, spec: DatasetSpec, *, data_dir: Optional[str] = None,
+                       progress: bool = True) -> np.ndarray:
+    """Features [N, D] (float32) of a dataset split, computed once per (space, split, num) and cached."""
+    path = os.path.join(cache_dir("reference"), f"{space.name}__{spec.name}_{spec.split}_{spec.num or 'all'}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return f["features"]
+    images, _ = dataset_images(spec, data_dir)
+    feats = np.asarray(space.features(images, progress=progress), np.float32)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, features=feats, meta=json.dumps({"space": space.description, "source": str(spec),
+                                                   "num": len(feats)}))
+    os.replace(tmp, path)
+    return feats
+
+
+def source_features(space: FeatureSpace, source: str, *, data_dir: Optional[str] = None, progress: bool = True):
+    """-> (features [N, D], images or None, description) for a path or dataset spec."""
+    spec = parse_dataset_spec(source)
+    if spec is not None:
+        return reference_features(space, spec, data_dir=data_dir, progress=progress), None, str(spec)
+    images = load_images(source)
+    return np.asarray(space.features(images, progress=progress)), images, f"{source} ({len(images)} images)"
+
+
+# ----------------------------------------------------------------------------------------------- the metrics
+
+def compare_features(fake: np.ndarray, real: np.ndarray, *, kid: bool = True, precision_recall: bool = True,
+                     kid_subset_size: int = 1000, pr_k: int = 3) -> dict:
+    """FID (+ KID, improved precision/recall) between two feature sets [N, D] and [M, D]."""
+    from research.metrics import fid as fid_lib
+
+    mu1, s1 = fid_lib.feature_statistics(fake)
+    mu2, s2 = fid_lib.feature_statistics(real)
+    out = {"fid": float(fid_lib.frechet_distance(mu1, s1, mu2, s2)), "num_fake": len(fake), "num_real": len(real)}
+    if kid:
+        mean, std = fid_lib.kid(fake, real, subset_size=kid_subset_size)
+        out.update(kid=float(mean), kid_std=float(std))
+    if precision_recall:
+        p, r = fid_lib.precision_recall(real, fake, k=pr_k)
+        out.update(precision=float(p), recall=float(r))
+    return out
+
+
+def evaluate_images(images: np.ndarray, space: FeatureSpace, reference: DatasetSpec, *, labels=None,
+                    data_dir: Optional[str] = None, kid: bool = True, precision_recall: bool = True,
+                    progress: bool = True) -> dict:
+    """All metrics of generated uint8 images against a dataset split in one feature space."""
+    images = check_images(images)
+    real = reference_features(space, reference, data_dir=data_dir, progress=progress)
+    fake = np.asarray(space.features(images, progress=progress))
+    out = compare_features(fake, real, kid=kid, precision_recall=precision_recall)
+    if space.probs is not None:
+        from research.metrics import classifier
+
+        probs = space.probs(images, progress=progress)
+        out["classifier_score"] = float(classifier.classifier_score(probs))
+        if labels is not None and len(labels) == len(images) and np.min(labels) >= 0:
+            out["classifier_accuracy"] = float(classifier.classifier_accuracy(probs, labels))
+    out.update(space=space.name, protocol=space.description, reference=str(reference))
+    return out
