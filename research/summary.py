@@ -1,7 +1,8 @@
 """python -m research.summary --config configs/X.py [--config.a.b=v ...]
 
 Prints `params: N` and `gflops: G`, the forward FLOPs for one example counted by XLA's cost analysis of
-the compiled program (a multiply-add counts as 2 FLOPs). Nothing is materialised: parameters exist only
+the compiled program (a multiply-add counts as 2 FLOPs), and `gmacs: G/2`, the convention of papers that
+count a multiply-add once (DiT's Gflops). Nothing is materialised: parameters exist only
 as shapes (jax.eval_shape) and the program is compiled from abstract inputs.
 """
 
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     print(f"model: {config.model.name}  input: {config.data.image_size}x{config.data.image_size}x{config.data.channels}")
     print(f"params: {result['params']}")
     print(f"gflops: {result['gflops']:.3f}")
+    # Papers that count a multiply-add as one FLOP (DiT's Table 4 'Gflops') report half of XLA's figure.
+    print(f"gmacs: {result['gflops'] / 2:.3f}  (multiply-adds, = gflops / 2)")
     return 0
 
 

@@ -13,6 +13,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+import sys  # noqa: E402
+import types  # noqa: E402
+
+# The reference packages (diffusers, pytorch-fid) import torchvision, whose PyPI wheel is a CUDA build: with the
+# CPU torch its compiled operators do not load and the module registering their meta kernels fails at import.
+# None of the references use those operators; see tests/reference.py.
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
 import pytest  # noqa: E402
 
 

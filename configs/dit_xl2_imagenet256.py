@@ -1,0 +1,73 @@
+"""DiT-XL/2 on ImageNet 256x256 latents (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
+
+Model (Sec. 3, Table 1): DiT-XL/2, depth 28, hidden 1152, 16 heads, patch 2, adaLN-Zero, 1000 classes with
+label dropout 0.1 for classifier-free guidance; 675M parameters and 118.6 Gflops (Table 4; the paper's
+Gflops count multiply-adds, `python -m research.summary` prints both conventions).
+Latent space (Sec. 3.1): images 256x256x3 -> 32x32x4 latents of a pretrained f8 KL autoencoder (the Stable
+Diffusion VAE, sd-vae-ft-ema / -mse), latents scaled by 0.18215; the network never sees pixels.
+Diffusion (Sec. 3.1, 4): T = 1000, linear betas 1e-4..0.02, learned covariance (learned_range, 2x4 output
+channels) trained with iDDPM's L_simple + L_vlb: vlb_weight 0.001 times T = 1000 terms gives the plain
+sum the paper's code uses.
+Training (Sec. 4): AdamW lr 1e-4 constant, no weight decay, no warmup, no gradient clipping, batch 256,
+EMA 0.9999, horizontal flips. Table 4 compares models at 400K steps; the final DiT-XL/2 (Table 2, FID 2.27
+with cfg 1.5) trained for 7M steps, used here. Sampling: 250 DDPM steps, no clipping of x0 (latents are not
+bounded to [-1, 1]).
+
+Other sizes: `--config.model.variant=DiT-B/4` (any of DiT-{S,B,L,XL}/{2,4,8}).
+
+The latent data pipeline is built separately: until it lands this config describes the latent shape
+(data.image_size=32, data.channels=4) but training from it stops at start-up with a shape mismatch against
+raw ImageNet images. AUTOENCODER_CHECKPOINT below names the autoencoder to encode with.
+"""
+
+from ml_collections import ConfigDict
+
+from research.config import base_config
+from research.models.dit import dit_model_config
+
+# Placeholder for the f8, 4-channel KL autoencoder that produces the latents (the paper uses the Stable
+# Diffusion VAE); the latent pipeline will read it from the config once it has a field for it.
+AUTOENCODER_CHECKPOINT = "stabilityai/sd-vae-ft-ema"
+LATENT_SCALE = 0.18215
+IMAGE_SIZE = 256
+LATENT_DOWNSAMPLING = 8
+
+
+def get_config() -> ConfigDict:
+    c = base_config()
+    c.data.name = "tfds"
+    c.data.tfds_name = "imagenet2012"
+    c.data.image_size = IMAGE_SIZE // LATENT_DOWNSAMPLING  # 32x32x4 latents
+    c.data.channels = 4
+    c.data.num_classes = 1000
+    c.data.random_flip = True
+
+    with c.unlocked():
+        c.model = dit_model_config("DiT-XL/2", num_classes=1000, class_dropout=0.1)
+
+    c.diffusion.schedule = "linear"
+    c.diffusion.timesteps = 1000
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.prediction = "eps"
+    c.diffusion.var_type = "learned_range"
+    c.diffusion.loss = "hybrid"
+    c.diffusion.vlb_weight = 0.001
+
+    c.optim.optimizer = "adamw"
+    c.optim.lr = 1e-4
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_steps = 0
+    c.optim.lr_schedule = "constant"
+    c.optim.grad_clip = 0.0
+
+    c.train.batch_size = 256
+    c.train.num_steps = 7_000_000
+    c.train.ema_decay = 0.9999
+    c.train.ckpt_every = 50_000
+    c.train.sample_every = 100_000
+
+    c.sample.sampler = "ddpm"
+    c.sample.steps = "250"
+    c.sample.clip_x0 = False
+    return c
