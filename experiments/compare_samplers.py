@@ -160,8 +160,8 @@ def main(argv=None) -> int:
 
     from research.config import ConfigError
     from research.data import DataError
-    from research.metrics.evaluation import (DatasetSpec, EvaluationError, dataset_images, evaluate_images,
-                                             feature_space, parse_dataset_spec)
+    from research.metrics.evaluation import (USER_ERRORS, DatasetSpec, EvaluationError, dataset_images,
+                                             evaluate_images, feature_space, parse_dataset_spec)
     from research.sample import load_run
 
     try:
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         if too_long:
             raise EvaluationError(f"steps {too_long} exceed the run's {config.diffusion.timesteps} timesteps")
         spaces = {m: feature_space(METRICS[m], dataset) for m in metrics}
-    except (ConfigError, DataError, EvaluationError) as e:
+    except (ConfigError, DataError) + USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

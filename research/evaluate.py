@@ -213,11 +213,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from research.config import ConfigError
     from research.data import DataError
-    from research.metrics.evaluation import EvaluationError
+    from research.metrics.evaluation import USER_ERRORS
     run = {"bpd": _bpd_main, "fid": _fid_main, "stats": _stats_main}[args.command]
     try:
         return run(args)
-    except (ConfigError, DataError, EvaluationError) as e:
+    except (ConfigError, DataError) + USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -32,6 +32,20 @@ class EvaluationError(ValueError):
     """A user-caused problem with an evaluation request (bad path, spec, shape or metric)."""
 
 
+def _user_errors():
+    from research.metrics.classifier import ClassifierError
+    from research.metrics.inception import InceptionWeightsChecksumError, InceptionWeightsNotFound
+
+    return (EvaluationError, ClassifierError, InceptionWeightsNotFound, InceptionWeightsChecksumError)
+
+
+def __getattr__(name):
+    # USER_ERRORS imports the metric modules (and so jax) only when a command asks for it.
+    if name == "USER_ERRORS":
+        return _user_errors()
+    raise AttributeError(name)
+
+
 # ----------------------------------------------------------------------------------------------- image sources
 
 @dataclass(frozen=True)
