@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with defaults; experiment files override values, never add keys."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.task = "diffusion"        # diffusion | autoencoder (latent diffusion's KL autoencoder, model.name='vae')
 
     c.data = ml_collections.ConfigDict(dict(
         name="digits",          # digits | mnist | fashion_mnist | cifar10 | tfds | synthetic
@@ -90,6 +91,24 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=256,
         clip_x0=True,
         use_ema=True,
+    ))
+
+    # task='autoencoder' (Rombach et al. 2022, LDM's AutoencoderKL). As in LDM, the reconstruction loss is summed
+    # over pixels and the KL over latent dimensions per example, both averaged over the batch, so kl_weight has
+    # the meaning of LDM's configs. The training-step grid shows sample.num test images over their reconstructions.
+    c.autoencoder = ml_collections.ConfigDict(dict(
+        recon_loss="l1",        # l1 | l2
+        kl_weight=1e-6,
+        disc_weight=0.0,        # weight of the hinge GAN loss; 0 builds no discriminator at all
+        disc_start=50_001,      # step from which the discriminator trains and its loss is applied (LDM: 50001)
+        adaptive_disc_weight=True,  # LDM: scale by |grad rec| / |grad gan| at the decoder's last layer
+        disc_lr=4.5e-6,         # Adam with betas (disc_b1, disc_b2), constant rate
+        disc_b1=0.5,
+        disc_b2=0.9,
+        disc_ch=64,
+        disc_layers=3,          # stride-2 convs; the logit map is (H / 2**disc_layers)^2
+        disc_norm_groups=32,
+        scale_num_images=1024,  # training images whose encoded latents set latent_scale = 1 / std
     ))
     c.lock()
     return c
@@ -253,6 +272,7 @@ _CHOICES = {
     "optim.optimizer": ("adam", "adamw"),
     "optim.lr_schedule": ("constant", "cosine"),
     "sample.sampler": ("ddpm", "ddim"),
+    "autoencoder.recon_loss": ("l1", "l2"),
 }
 
 
@@ -283,13 +303,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           "only there; L_simple and L_hybrid use uniform t)")
     if config.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
+    _validate_task(config)
     if not 0.0 <= config.sample.eta:
         raise ConfigError(f"sample.eta must be >= 0, got {config.sample.eta}")
     from research.models import build_model
     try:
-        build_model(config.model, out_channels=config.data.channels)
+        model = build_model(config.model, out_channels=config.data.channels)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if config.model.name == "dit":
+        from research.models.dit import check_input_size
+        try:
+            check_input_size((config.data.image_size, config.data.image_size), model.architecture[3])
+        except ValueError as e:
+            raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
     if config.model.name == "unet":
         from research.models.unet import check_resolution
         try:
@@ -305,6 +332,41 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.model.get("num_classes", 0) and config.model.num_classes != config.data.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes} but data.num_classes="
                           f"{config.data.num_classes}; set them equal (or model.num_classes=0 for unconditional)")
+
+
+def _validate_task(config: ml_collections.ConfigDict) -> None:
+    tasks = ("diffusion", "autoencoder")
+    if config.task not in tasks:
+        raise ConfigError(f"task={config.task!r} is not valid; choose one of {list(tasks)}")
+    if (config.task == "autoencoder") != (config.model.name == "vae"):
+        raise ConfigError(f"task={config.task!r} with model.name={config.model.name!r}: the autoencoder task trains "
+                          f"model 'vae' and only it (see configs/vae_mnist.py); set both or neither")
+    if config.task != "autoencoder":
+        return
+    a = config.autoencoder
+    for key in ("kl_weight", "disc_weight", "disc_start"):
+        if a[key] < 0:
+            raise ConfigError(f"autoencoder.{key} must be >= 0, got {a[key]}")
+    for key in ("disc_lr", "disc_ch", "disc_layers", "scale_num_images"):
+        if a[key] <= 0:
+            raise ConfigError(f"autoencoder.{key} must be positive, got {a[key]}")
+    from research.models.vae import check_autoencoder_resolution
+    size = config.data.image_size
+    try:
+        check_autoencoder_resolution((size, size), len(config.model.ch_mult))
+    except ValueError as e:
+        raise ConfigError(f"data.image_size={size} with model.ch_mult={tuple(config.model.ch_mult)}: {e}") from None
+    groups = config.model.get("norm_groups", 32)
+    for m in config.model.ch_mult:
+        c = config.model.ch * m
+        if c % min(groups, c):
+            raise ConfigError(f"model.ch * mult = {c} is not divisible by model.norm_groups={groups}")
+    if a.disc_weight > 0:
+        for i in range(1, a.disc_layers + 1):
+            c = a.disc_ch * min(2 ** i, 8)
+            if c % min(a.disc_norm_groups, c):
+                raise ConfigError(f"the discriminator's {c} channels (autoencoder.disc_ch * {min(2 ** i, 8)}) are not "
+                                  f"divisible by autoencoder.disc_norm_groups={a.disc_norm_groups}")
 
 
 def config_help(config: ml_collections.ConfigDict) -> str:

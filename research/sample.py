@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     from research.sampling import Generator, to_uint8
     try:
         config, model, params, step = load_run(args.workdir, args.step, use_ema=not args.no_ema)
+        if config.task == "autoencoder":
+            raise ConfigError(f"{args.workdir} holds an autoencoder, which has no sampler; its reconstructions are in "
+                              f"{os.path.join(args.workdir, 'samples')} and research.latents.load_autoencoder loads it")
         gen = Generator(model, config, sampler=args.sampler, steps=args.steps, eta=args.eta,
                         batch_size=min(args.batch_size or config.sample.batch_size, args.num))
     except (ConfigError, ValueError) as e:

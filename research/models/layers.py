@@ -99,7 +99,8 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with the embedding injected in between.
 
     With use_scale_shift_norm (ADM, Dhariwal & Nichol 2021) the embedding gives a scale and shift applied
-    after the second GroupNorm; otherwise (DDPM) it is added to the hidden activations.
+    after the second GroupNorm; otherwise (DDPM) it is added to the hidden activations. With emb=None (the
+    autoencoder, which has no timestep) the block has no embedding projection at all.
     """
 
     out_channels: int
@@ -110,14 +111,18 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, emb, *, train: bool):
+    def __call__(self, x, emb=None, *, train: bool):
         norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm1")(x))
         h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
                     name="conv1")(h)
-        emb_out = nn.Dense(self.out_channels * (2 if self.use_scale_shift_norm else 1), kernel_init=default_init,
-                           dtype=self.dtype, name="emb_proj")(nn.silu(emb))[:, None, None, :]
-        if self.use_scale_shift_norm:
+        if emb is not None:
+            emb_out = nn.Dense(self.out_channels * (2 if self.use_scale_shift_norm else 1),
+                               kernel_init=default_init, dtype=self.dtype,
+                               name="emb_proj")(nn.silu(emb))[:, None, None, :]
+        if emb is None:
+            h = norm("norm2")(h)
+        elif self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = norm("norm2")(h) * (1 + scale) + shift
         else:

@@ -24,6 +24,18 @@ def _unet():
     return UNet
 
 
+@register_model("dit")
+def _dit():
+    from research.models.dit import DiT
+    return DiT
+
+
+@register_model("vae")
+def _vae():
+    from research.models.vae import AutoencoderKL
+    return AutoencoderKL
+
+
 def model_names():
     return sorted(_REGISTRY)
 

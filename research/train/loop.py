@@ -108,6 +108,8 @@ class Trainer:
     step: Callable          # (state, batch) -> (state, metrics); donates the state
     meta: dict
     conditional: bool
+    # (state, png_path) -> path; when set it replaces the diffusion sample grid (the autoencoder's reconstructions)
+    write_preview: Optional[Callable] = None
 
     def abstract_state_sharded(self):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -115,6 +117,9 @@ class Trainer:
 
 
 def build_trainer(config, mesh=None) -> Trainer:
+    if config.task == "autoencoder":
+        from research.train.autoencoder import build_autoencoder_trainer
+        return build_autoencoder_trainer(config, mesh)
     tc = config.train
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(tc.mesh_model)
     model = model_from_config(config)
@@ -238,15 +243,26 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
                 ckpt.save(done, state, data_iter.get_state(), meta)
                 last_saved = done
             if tc.sample_every and (done % tc.sample_every == 0 or done == end) and is_main:
-                if generator is None:
-                    generator = Generator(model, config, batch_size=min(config.sample.num, config.sample.batch_size))
-                params = state.ema_params if config.sample.use_ema else state.params
-                samples, _, _ = generator.generate(params, min(config.sample.num, generator.batch_size),
-                                                   seed=config.seed, progress=False)
-                save_grid(to_uint8(samples, config.data.centered),
-                          os.path.join(workdir, "samples", f"step_{done:07d}.png"))
+                grid_path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
+                if trainer.write_preview is not None:
+                    trainer.write_preview(state, grid_path)
+                else:
+                    if generator is None:
+                        generator = Generator(model, config,
+                                              batch_size=min(config.sample.num, config.sample.batch_size))
+                    params = state.ema_params if config.sample.use_ema else state.params
+                    samples, _, _ = generator.generate(params, min(config.sample.num, generator.batch_size),
+                                                       seed=config.seed, progress=False)
+                    save_grid(to_uint8(samples, config.data.centered), grid_path)
     finally:
         bar.close()
         ckpt.wait()
         ckpt.close()
-    return {"step": int(jax.device_get(state.step)), "metrics": last_metrics, "state": state}
+    final_step = int(jax.device_get(state.step))
+    if config.task == "autoencoder" and final_step == tc.num_steps:
+        # Computed from the finished run's checkpointed parameters and stored per step beside the checkpoints,
+        # so a resumed run that finishes writes it too, and research.latents can recompute it for any step.
+        from research.latents import ensure_latent_scale
+        ensure_latent_scale(config, model, state.ema_params if config.sample.use_ema else state.params, workdir,
+                            final_step, use_ema=config.sample.use_ema)
+    return {"step": final_step, "metrics": last_metrics, "state": state}
