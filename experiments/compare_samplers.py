@@ -7,8 +7,9 @@
 Every cell (sampler, eta, steps) draws --num samples with fixed seeds (batch b uses fold_in(seed, b), so cells
 differ only in the sampler), saves them (cells/<cell>.npz) and a grid (cells/<cell>.png), and evaluates each
 metric against the reference split (default: the run's dataset, train split, all images). eta applies to DDIM
-only (DDIM with eta=1 is the ancestral sampler with DDIM's variance; 'ddpm' is the ancestral sampler with the
-run's variance). The FID floor (--floor, default the dataset's test split, --num images, against the same
+only. 'ddpm' is the ancestral sampler with the run's variance: for a fixed-small (posterior) variance it is
+exactly DDIM with eta=1 given the same noise, so those rows coincide. 'ddpm_large' is ancestral sampling with
+sigma_t^2 = beta_t (fixed-large), the DDIM paper's sigma-hat row (Song et al. 2021, Table 1). The FID floor (--floor, default the dataset's test split, --num images, against the same
 reference) is the score of real held-out images, the best a sampler can reach at this sample count.
 
 Writes OUT/compare_samplers.csv, OUT/compare_samplers.md (protocol in the header) and OUT/compare_samplers.png
@@ -31,6 +32,7 @@ import time
 import numpy as np
 
 METRICS = {"fid_inception": "inception", "fid_domain": "domain"}
+SAMPLERS = ("ddpm", "ddpm_large", "ddim")
 
 
 def parse_list(text, cast):
@@ -45,7 +47,7 @@ def cells_of(samplers, etas, steps):
     """(sampler, eta, steps) cells in table order; ancestral DDPM has no eta."""
     cells = []
     for sampler in samplers:
-        for eta in (etas if sampler == "ddim" else [1.0]):
+        for eta in (etas if sampler == "ddim" else [1.0]):  # ancestral samplers have no eta
             for k in steps:
                 cells.append((sampler, float(eta), int(k)))
     return cells
@@ -59,6 +61,9 @@ def generate_cell(model, params, config, sampler, eta, steps, num, seed, batch_s
     if os.path.isfile(path):
         with np.load(path) as f:
             return f["images"], (f["labels"] if f["labels"].size else None), int(f["nfe"]), float(f["seconds"])
+    if sampler == "ddpm_large":
+        config = config_with(config, "diffusion.var_type", "fixed_large")
+        sampler = "ddpm"
     gen = Generator(model, config, sampler=sampler, steps=steps, eta=eta, batch_size=min(batch_size, num))
     t0 = time.time()
     samples, labels, nfe = gen.generate(params, num, seed=seed, progress=progress)
@@ -69,6 +74,16 @@ def generate_cell(model, params, config, sampler, eta, steps, num, seed, batch_s
     os.replace(tmp, path)
     save_grid(images[:100], path[:-4] + ".png")
     return images, labels, nfe, seconds
+
+
+def config_with(config, key, value):
+    """A copy of the config with one field changed (the run's own config stays as loaded)."""
+    import ml_collections
+
+    copy = ml_collections.ConfigDict(config.to_dict())
+    section, name = key.split(".")
+    copy[section][name] = value
+    return copy
 
 
 def evaluate_cached(path, compute):
@@ -117,7 +132,8 @@ def plot(rows, metrics, floors, out, title):
         series = {}
         for r in rows:
             if m in r:
-                label = "DDPM ancestral" if r["sampler"] == "ddpm" else f"DDIM eta={r['eta']:g}"
+                label = {"ddpm": "DDPM ancestral (run's variance)", "ddpm_large": "DDPM ancestral, sigma^2=beta"}.get(
+                    r["sampler"], f"DDIM eta={r['eta']:g}" if r["sampler"] == "ddim" else r["sampler"])
                 series.setdefault(label, []).append((r["nfe"], r[m]))
         for label, pts in series.items():
             pts.sort()
@@ -141,7 +157,8 @@ def plot(rows, metrics, floors, out, title):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--samplers", default="ddpm,ddim")
+    p.add_argument("--samplers", default="ddpm,ddim", help="ddpm (ancestral, the run's variance), ddpm_large "
+                   "(ancestral with sigma^2 = beta, the DDIM paper's sigma-hat), ddim")
     p.add_argument("--eta", default="0,1", help="DDIM eta values (comma list)")
     p.add_argument("--steps", default="10,20,50,100,1000")
     p.add_argument("--num", type=int, default=10000)
@@ -166,11 +183,11 @@ def main(argv=None) -> int:
 
     try:
         samplers = parse_list(args.samplers, str)
-        bad = [s for s in samplers if s not in ("ddpm", "ddim")]
+        bad = [s for s in samplers if s not in SAMPLERS]
         metrics = parse_list(args.metric, str)
         unknown = [m for m in metrics if m not in METRICS]
         if bad or unknown or not samplers or not metrics:
-            raise EvaluationError(f"samplers must be in (ddpm, ddim) and metrics in {tuple(METRICS)}; got "
+            raise EvaluationError(f"samplers must be in {SAMPLERS} and metrics in {tuple(METRICS)}; got "
                                   f"{bad or ''} {unknown or ''}".strip())
         cells = cells_of(samplers, parse_list(args.eta, float), parse_list(args.steps, int))
         config, model, params, step = load_run(args.workdir, args.step, use_ema=not args.no_ema)
@@ -179,6 +196,8 @@ def main(argv=None) -> int:
         floor_spec = parse_dataset_spec(args.floor) if args.floor else DatasetSpec(dataset, "test", args.num)
         if ref is None or floor_spec is None:
             raise EvaluationError("--ref and --floor take dataset specs name:split[:num]")
+        if "ddpm_large" in samplers and config.diffusion.var_type == "learned_range":
+            raise EvaluationError("ddpm_large replaces a fixed variance; this run learns its variance (use ddpm)")
         too_long = [k for _, _, k in cells if k > config.diffusion.timesteps]
         if too_long:
             raise EvaluationError(f"steps {too_long} exceed the run's {config.diffusion.timesteps} timesteps")
