@@ -79,8 +79,8 @@ _ONE_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_training_does_not_depend_on_the_number_of_devices():
-    if len(jax.devices("cpu")) == 1:
-        pytest.skip("needs several simulated CPU devices in this process (tests/conftest.py sets 8)")
+    # tests/conftest.py simulates 8 CPU devices; the comparison is meaningless with one.
+    assert len(jax.devices("cpu")) > 1, "expected the simulated CPU devices of tests/conftest.py"
     params, _ = classifier.build_classifier(TINY, num_train=TINY_TRAIN, progress=False)
     here = classifier.classifier_from_params(TINY, params)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
@@ -239,9 +239,7 @@ def test_classifier_accuracy_closed_form():
 # Measured: 0.9919 and 0.9168; the margins allow for another CPU training slightly different weights.
 @pytest.mark.parametrize("name, min_accuracy", [("mnist", 0.988), ("fashion_mnist", 0.905)])
 def test_full_classifier_accuracy(name, min_accuracy, tmp_path, monkeypatch):
-    root = os.environ.get("RESEARCH_DATA_DIR", "")
-    if not root or not os.path.isdir(os.path.join(root, name)):
-        pytest.skip(f"RESEARCH_DATA_DIR with {name}/ not available")
+    # Needs $RESEARCH_DATA_DIR/<name>/ (.ci/run sets it); without it the data layer raises DataError naming the fix.
     monkeypatch.setenv("RESEARCH_CACHE_DIR", str(tmp_path))
     clf = classifier.get_domain_classifier(name, progress=False)
     print(f"{clf.name}: test accuracy {clf.test_accuracy:.4f}, trained in {clf.metadata['train_seconds']} s")

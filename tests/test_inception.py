@@ -27,9 +27,6 @@ except ImportError:
     from reference import fid_helper_weights_path, import_pytorch_fid
 
 FEATURE_ATOL = 1e-4
-_MNIST_DIR = os.path.join(os.environ.get("RESEARCH_DATA_DIR", ""), "mnist")
-needs_mnist = pytest.mark.skipif(not os.environ.get("RESEARCH_DATA_DIR") or not os.path.isdir(_MNIST_DIR),
-                                 reason="RESEARCH_DATA_DIR with mnist/ not available")
 
 
 def mnist(split: str, num: int) -> np.ndarray:
@@ -180,7 +177,7 @@ def random_images_and_torch_features(random_pair):
 
 
 @pytest.mark.parametrize("images,fuse", [("random", True), ("random", False),
-                                         pytest.param("mnist", True, marks=needs_mnist)])
+                                         ("mnist", True)])
 def test_random_weights_match_pytorch_fid(random_pair, random_images_and_torch_features, network, preprocess,
                                           images, fuse):
     net, params = random_pair
@@ -251,13 +248,12 @@ def test_converted_fingerprint(converted):
 
 def test_shipped_weights_match_torchscript(converted):
     """InceptionFeatures (data-parallel over the simulated devices, last batch padded) against the TorchScript
-    network on 299x299 images: noise and nearest-upsampled MNIST digits where the data is present."""
+    network on 299x299 images: noise and nearest-upsampled MNIST digits."""
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
-    if os.path.isdir(_MNIST_DIR) and os.environ.get("RESEARCH_DATA_DIR"):
-        rows = np.arange(299) * 28 // 299
-        digits = mnist("test", 2)[:, rows][:, :, rows]
-        images = np.concatenate([images, np.repeat(digits, 3, axis=-1)])
+    rows = np.arange(299) * 28 // 299
+    digits = mnist("test", 2)[:, rows][:, :, rows]
+    images = np.concatenate([images, np.repeat(digits, 3, axis=-1)])
     extractor = inception.InceptionFeatures(inception.load_inception_params(converted), batch_size=4)
     assert extractor.batch_size % len(jax.devices()) == 0
     ours = extractor(images, progress=False)
@@ -355,7 +351,6 @@ FID_N = 200
 
 
 @pytest.mark.slow
-@needs_mnist
 def test_mnist_fid_equals_pytorch_fid(converted):
     """FID(MNIST train[:N], test[:N]) by our extractor and fid.py equals pytorch-fid's whole pipeline (its network
     with the converted weights loaded, its resize and normalisation, its statistics and Frechet distance)."""
