@@ -148,7 +148,8 @@ class FeatureSpace:
     name: str  # identifies network + weights + preprocessing: part of every cache key
     description: str
     features: Callable[..., np.ndarray]
-    probs: Optional[Callable[..., np.ndarray]] = None
+    # (features, class probabilities) in one pass, for spaces whose network also classifies (domain).
+    features_and_probs: Optional[Callable[..., tuple]] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -172,7 +173,7 @@ def feature_space(kind: str, dataset: Optional[str] = None, *, protocol: str = "
         return FeatureSpace("domain", f"domain-{clf.name}-{clf.checksum[:12]}",
                             f"{clf.name} classifier penultimate features (test accuracy "
                             f"{clf.test_accuracy:.2%}, sha256 {clf.checksum[:12]})",
-                            clf.features, clf.probs, {"test_accuracy": clf.test_accuracy})
+                            clf.features, clf.features_and_probs, {"test_accuracy": clf.test_accuracy})
     raise EvaluationError(f"unknown feature space {kind!r}: use one of {FEATURE_SPACES}")
 
 
@@ -226,12 +227,15 @@ def evaluate_images(images: np.ndarray, space: FeatureSpace, reference: DatasetS
     """All metrics of generated uint8 images against a dataset split in one feature space."""
     images = check_images(images)
     real = reference_features(space, reference, data_dir=data_dir, progress=progress)
-    fake = np.asarray(space.features(images, progress=progress))
-    out = compare_features(fake, real, kid=kid, precision_recall=precision_recall)
-    if space.probs is not None:
+    probs = None
+    if space.features_and_probs is not None:
+        fake, probs = space.features_and_probs(images, progress=progress)
+    else:
+        fake = space.features(images, progress=progress)
+    out = compare_features(np.asarray(fake), real, kid=kid, precision_recall=precision_recall)
+    if probs is not None:
         from research.metrics import classifier
 
-        probs = space.probs(images, progress=progress)
         out["classifier_score"] = float(classifier.classifier_score(probs))
         if labels is not None and len(labels) == len(images) and np.min(labels) >= 0:
             out["classifier_accuracy"] = float(classifier.classifier_accuracy(probs, labels))
