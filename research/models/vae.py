@@ -72,10 +72,9 @@ def check_autoencoder_resolution(hw: Sequence[int], num_levels: int) -> None:
             f"or a data set whose side is a multiple of {factor}")
 
 
-class Encoder(nn.Module):
-    """x [B, H, W, C] -> moments [B, H/f, W/f, 2 * z_channels] (before the quant conv)."""
+class _Trunk(nn.Module):
+    """The architecture fields the encoder and the decoder share (LDM builds both from one config)."""
 
-    z_channels: int
     ch: int
     ch_mult: Sequence[int]
     num_res_blocks: int
@@ -87,11 +86,29 @@ class Encoder(nn.Module):
     norm_eps: float
     dtype: Any
 
-    @nn.compact
-    def __call__(self, x, *, train: bool):
+
+    def block_kwargs(self):
+        """Keyword arguments of every ResBlock and AttentionBlock in the trunk."""
         res = dict(dropout=self.dropout, norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype)
         attn = dict(num_heads=self.num_heads, norm_groups=self.norm_groups, norm_eps=self.norm_eps,
                     dtype=self.dtype)
+        return res, attn
+
+    def mid_block(self, h, res: dict, attn: dict, train: bool):
+        """ResBlock -> self-attention -> ResBlock at the lowest resolution (called from the compact __call__)."""
+        h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, train=train)
+        h = AttentionBlock(name="mid_attn", **attn)(h)
+        return ResBlock(h.shape[-1], name="mid_res1", **res)(h, train=train)
+
+
+class Encoder(_Trunk):
+    """x [B, H, W, C] -> moments [B, H/f, W/f, 2 * z_channels] (before the quant conv)."""
+
+    z_channels: int = 4
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        res, attn = self.block_kwargs()
         h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
                     name="conv_in")(x.astype(self.dtype))
         for level, mult in enumerate(self.ch_mult):
@@ -101,39 +118,23 @@ class Encoder(nn.Module):
                     h = AttentionBlock(name=f"down{level}_attn{block}", **attn)(h)
             if level != len(self.ch_mult) - 1:
                 h = Downsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"down{level}_down")(h)
-        h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, train=train)
-        h = AttentionBlock(name="mid_attn", **attn)(h)
-        h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, train=train)
+        h = self.mid_block(h, res, attn, train)
         h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
         return nn.Conv(2 * self.z_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
                        name="conv_out")(h)
 
 
-class Decoder(nn.Module):
+class Decoder(_Trunk):
     """z [B, h, w, z_channels] (after the post-quant conv) -> x [B, h*f, w*f, out_channels]."""
 
-    out_channels: int
-    ch: int
-    ch_mult: Sequence[int]
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    num_heads: int
-    dropout: float
-    resamp_with_conv: bool
-    norm_groups: int
-    norm_eps: float
-    dtype: Any
+    out_channels: int = 3
 
     @nn.compact
     def __call__(self, z, *, train: bool):
-        res = dict(dropout=self.dropout, norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype)
-        attn = dict(num_heads=self.num_heads, norm_groups=self.norm_groups, norm_eps=self.norm_eps,
-                    dtype=self.dtype)
+        res, attn = self.block_kwargs()
         h = nn.Conv(self.ch * self.ch_mult[-1], (3, 3), padding="SAME", kernel_init=default_init,
                     dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
-        h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, train=train)
-        h = AttentionBlock(name="mid_attn", **attn)(h)
-        h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, train=train)
+        h = self.mid_block(h, res, attn, train)
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for block in range(self.num_res_blocks + 1):
                 h = ResBlock(self.ch * mult, name=f"up{level}_res{block}", **res)(h, train=train)
@@ -175,8 +176,8 @@ class AutoencoderKL(nn.Module):
                       attn_resolutions=tuple(self.attn_resolutions), num_heads=self.num_heads, dropout=self.dropout,
                       resamp_with_conv=self.resamp_with_conv, norm_groups=self.norm_groups, norm_eps=self.norm_eps,
                       dtype=self.dtype)
-        self.encoder = Encoder(self.z_channels, **shared)
-        self.decoder = Decoder(self.out_channels, **shared)
+        self.encoder = Encoder(z_channels=self.z_channels, **shared)
+        self.decoder = Decoder(out_channels=self.out_channels, **shared)
         self.quant_conv = nn.Conv(2 * self.z_channels, (1, 1), kernel_init=default_init, dtype=self.dtype)
         self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), kernel_init=default_init, dtype=self.dtype)
 
