@@ -15,9 +15,11 @@ bounded to [-1, 1]).
 
 Other sizes: `--config.model.variant=DiT-B/4` (any of DiT-{S,B,L,XL}/{2,4,8}).
 
-The latent data pipeline is built separately: until it lands this config describes the latent shape
-(data.image_size=32, data.channels=4) but training from it stops at start-up with a shape mismatch against
-raw ImageNet images. AUTOENCODER_CHECKPOINT below names the autoencoder to encode with.
+Latent pipeline: config.data describes the 256x256 RGB images; latent.autoencoder names the autoencoder workdir
+(task='autoencoder', f8, 4 latent channels, the geometry declared below and checked at start-up) whose scaled
+latents the DiT trains on; the training split is encoded once into a latent cache. AUTOENCODER_CHECKPOINT is
+where that workdir is expected; train one with the autoencoder task at f8 (ch_mult of four levels, z_channels 4)
+or set --config.latent.autoencoder. The summary command needs only the declared geometry.
 """
 
 from ml_collections import ConfigDict
@@ -25,10 +27,9 @@ from ml_collections import ConfigDict
 from research.config import base_config
 from research.models.dit import dit_model_config
 
-# Placeholder for the f8, 4-channel KL autoencoder that produces the latents (the paper uses the Stable
-# Diffusion VAE); the latent pipeline will read it from the config once it has a field for it.
-AUTOENCODER_CHECKPOINT = "stabilityai/sd-vae-ft-ema"
-LATENT_SCALE = 0.18215
+# The workdir of the f8, 4-channel KL autoencoder that produces the latents (the paper uses the Stable Diffusion
+# VAE, whose latent scale is 0.18215; an autoencoder trained here stores its own in latent_scale.json).
+AUTOENCODER_CHECKPOINT = "runs/autoencoder_f8_imagenet256"
 IMAGE_SIZE = 256
 LATENT_DOWNSAMPLING = 8
 
@@ -37,10 +38,15 @@ def get_config() -> ConfigDict:
     c = base_config()
     c.data.name = "tfds"
     c.data.tfds_name = "imagenet2012"
-    c.data.image_size = IMAGE_SIZE // LATENT_DOWNSAMPLING  # 32x32x4 latents
-    c.data.channels = 4
+    c.data.image_size = IMAGE_SIZE
+    c.data.channels = 3
     c.data.num_classes = 1000
     c.data.random_flip = True
+
+    c.latent.autoencoder = AUTOENCODER_CHECKPOINT
+    c.latent.downsample_factor = LATENT_DOWNSAMPLING  # 256x256x3 -> 32x32x4
+    c.latent.channels = 4
+    c.latent.cache = False  # flips are applied to pixels and encoded every step (the cache holds unflipped images)
 
     with c.unlocked():
         c.model = dit_model_config("DiT-XL/2", num_classes=1000, class_dropout=0.1)

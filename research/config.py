@@ -110,6 +110,57 @@ def base_config() -> ml_collections.ConfigDict:
         disc_norm_groups=32,
         scale_num_images=1024,  # training images whose encoded latents set latent_scale = 1 / std
     ))
+
+    # task='fewstep' (research/train/fewstep.py): a few-step student from a teacher checkpoint (pd, cd) or from
+    # scratch (ct). model / diffusion / data must match the teacher's (checked at init). The student's sampling
+    # parameters are a separate EMA with train.ema_decay (sample.use_ema picks it, as for diffusion runs).
+    c.fewstep = ml_collections.ConfigDict(dict(
+        method="pd",            # pd (Salimans & Ho 2022) | cd (consistency distillation) | ct (consistency training)
+        teacher_workdir="",     # pd, cd: workdir of a task='diffusion' run
+        teacher_step=-1,        # its checkpoint step; -1 takes the newest
+        teacher_use_ema=True,   # distil the teacher's EMA parameters
+        # Progressive distillation: rounds halve pd_start_steps down to pd_final_steps; with T=1000 pd_start_steps
+        # must divide into T so the trailing grids nest (512, 256, ... all work).
+        pd_start_steps=512,     # the teacher's DDIM step count in round 0
+        pd_final_steps=1,       # the last round's student step count
+        pd_steps_per_round=50_000,  # optimizer steps per halving; train.num_steps must be rounds * this
+        pd_weighting="truncated_snr",  # truncated_snr (the paper's max(SNR, 1)) | snr_plus_one | none
+        pd_clip_x0=False,       # clip the teacher's x0 predictions to [-1, 1] inside the target's two DDIM steps
+        # Consistency models (cd, ct): the discretisation is CM's Karras grid on [sigma_min, sigma_max] (cd clips it
+        # to the teacher schedule's own range).
+        sigma_min=0.002,
+        sigma_max=80.0,
+        rho=7.0,
+        sigma_data=0.5,         # of the boundary-condition scalings c_skip, c_out
+        solver="heun",          # cd: the teacher ODE step, euler | heun
+        distance="l2",          # l2 (mean squared) | pseudo_huber
+        huber_c=0.0,            # pseudo-Huber c; 0 -> 0.00054 sqrt(H W C) (iCT)
+        weighting="uniform",    # uniform (CM) | ict (1 / (sigma_{n+1} - sigma_n))
+        index_distribution="uniform",  # pair index n: uniform (CM) | lognormal (iCT, p_mean / p_std)
+        p_mean=-1.1,
+        p_std=2.0,
+        num_points=18,          # cd: N, the fixed number of discretisation points
+        target_ema=0.95,        # cd: mu, the target network's EMA decay
+        curriculum="cm",        # ct: cm (N(k), mu(k) of CM with s0, s1, mu0) | ict (doubling N(k), no EMA target)
+        s0=2,                   # ct: initial discretisation steps
+        s1=150,                 # ct: final discretisation steps
+        mu0=0.9,                # ct, curriculum='cm': the target EMA decay at step 0
+        sample_steps=1,         # cd, ct: steps of the training-time sample grid (pd uses the round's count)
+    ))
+
+    # Latent diffusion (Rombach et al. 2022): with latent.autoencoder set, config.data still describes the pixel
+    # data, the diffusion model sees scale * z of that autoencoder ([H/f, W/f, z_channels]) and sampling decodes
+    # to pixels. See research/latents.py.
+    c.latent = ml_collections.ConfigDict(dict(
+        autoencoder="",         # workdir of a task='autoencoder' run; '' trains in pixel space
+        step=0,                 # its checkpoint step; 0 takes the newest (the resolved step is stored in config.json)
+        use_ema=True,           # the autoencoder's EMA parameters
+        downsample_factor=0,    # declared latent geometry, checked against the autoencoder at start-up;
+        channels=0,             # 0 reads it from the autoencoder's config.json
+        cache=True,             # encode the training split once (posterior mean and std) to a cache read by grain,
+                                # drawing z ~ q(z|x) per step from it; False encodes every batch on the fly
+        cache_dir="",           # '' -> AUTOENCODER_WORKDIR/latent_cache
+    ))
     c.lock()
     return c
 
@@ -304,26 +355,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
     _validate_task(config)
+    _validate_latent(config)
     if not 0.0 <= config.sample.eta:
         raise ConfigError(f"sample.eta must be >= 0, got {config.sample.eta}")
+    from research.latents import model_input_shape
     from research.models import build_model
+    height, width, channels = model_input_shape(config)
+    what = (f"the {height}x{width}x{channels} latents of latent.autoencoder" if config.latent.autoencoder
+            else f"data.image_size={config.data.image_size}")
     try:
-        model = build_model(config.model, out_channels=config.data.channels)
+        model = build_model(config.model, out_channels=channels)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if config.model.name == "dit":
         from research.models.dit import check_input_size
         try:
-            check_input_size((config.data.image_size, config.data.image_size), model.architecture[3])
+            check_input_size((height, width), model.architecture[3])
         except ValueError as e:
-            raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
+            raise ConfigError(f"{what}: {e}") from None
     if config.model.name == "unet":
         from research.models.unet import check_resolution
         try:
-            check_resolution((config.data.image_size, config.data.image_size), len(config.model.ch_mult))
+            check_resolution((height, width), len(config.model.ch_mult))
         except ValueError as e:
-            raise ConfigError(f"data.image_size={config.data.image_size} with model.ch_mult="
-                              f"{tuple(config.model.ch_mult)}: {e}") from None
+            raise ConfigError(f"{what} with model.ch_mult={tuple(config.model.ch_mult)}: {e}") from None
         ch = config.model.ch
         for m in config.model.ch_mult:
             if (ch * m) % min(config.model.norm_groups, ch * m):
@@ -334,13 +389,65 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"{config.data.num_classes}; set them equal (or model.num_classes=0 for unconditional)")
 
 
+def _validate_fewstep(config: ml_collections.ConfigDict) -> None:
+    """task='fewstep': method-specific values, and PD's round / checkpoint layout."""
+    f, tc = config.fewstep, config.train
+    choices = {"method": ("pd", "cd", "ct"), "pd_weighting": ("truncated_snr", "snr_plus_one", "none"),
+               "solver": ("euler", "heun"), "distance": ("l2", "pseudo_huber"), "weighting": ("uniform", "ict"),
+               "index_distribution": ("uniform", "lognormal"), "curriculum": ("cm", "ict")}
+    for key, allowed in choices.items():
+        if f[key] not in allowed:
+            raise ConfigError(f"fewstep.{key}={f[key]!r} is not valid; choose one of {list(allowed)}")
+    if config.diffusion.var_type == "learned_range":
+        raise ConfigError("task='fewstep' distils the mean of a fixed-variance model; use a teacher with "
+                          "diffusion.var_type='fixed_small' or 'fixed_large'")
+    if f.method in ("pd", "cd") and not f.teacher_workdir:
+        raise ConfigError(f"fewstep.method={f.method!r} distils a teacher: set fewstep.teacher_workdir to its workdir")
+    if f.method == "pd":
+        from research.diffusion.distillation import pd_num_rounds
+        try:
+            rounds = pd_num_rounds(f.pd_start_steps, f.pd_final_steps)
+        except ValueError as e:
+            raise ConfigError(f"fewstep.pd_start_steps / pd_final_steps: {e}") from None
+        if rounds < 1 or f.pd_start_steps > config.diffusion.timesteps:
+            raise ConfigError(f"fewstep.pd_start_steps={f.pd_start_steps} must exceed pd_final_steps="
+                              f"{f.pd_final_steps} and be at most diffusion.timesteps={config.diffusion.timesteps}")
+        if f.pd_steps_per_round < 1 or tc.num_steps != rounds * f.pd_steps_per_round:
+            raise ConfigError(f"train.num_steps={tc.num_steps} must equal the {rounds} rounds times "
+                              f"fewstep.pd_steps_per_round={f.pd_steps_per_round} = {rounds * f.pd_steps_per_round}")
+        if f.pd_steps_per_round % tc.ckpt_every:
+            raise ConfigError(f"train.ckpt_every={tc.ckpt_every} must divide fewstep.pd_steps_per_round="
+                              f"{f.pd_steps_per_round} so every round's student is checkpointed")
+        if tc.keep_checkpoints is not None and tc.keep_checkpoints < tc.num_steps // tc.ckpt_every:
+            raise ConfigError(f"train.keep_checkpoints={tc.keep_checkpoints} would delete earlier rounds' students: "
+                              f"set it to at least {tc.num_steps // tc.ckpt_every} (or None to keep all)")
+    if not 0.0 < f.sigma_min < f.sigma_max:
+        raise ConfigError(f"need 0 < fewstep.sigma_min < fewstep.sigma_max, got {f.sigma_min}, {f.sigma_max}")
+    if f.rho <= 0 or f.sigma_data <= 0 or f.p_std <= 0 or f.huber_c < 0:
+        raise ConfigError("fewstep.rho, sigma_data and p_std must be positive and huber_c >= 0")
+    if f.method == "cd":
+        if f.num_points < 2 or not 0.0 <= f.target_ema < 1.0:
+            raise ConfigError(f"cd needs fewstep.num_points >= 2 and 0 <= fewstep.target_ema < 1, got "
+                              f"{f.num_points}, {f.target_ema}")
+    if f.method == "ct":
+        if f.s0 < 1 or f.s1 < f.s0:
+            raise ConfigError(f"ct needs 1 <= fewstep.s0 <= fewstep.s1, got s0={f.s0}, s1={f.s1}")
+        if f.curriculum == "cm" and (f.s0 < 2 or not 0.0 < f.mu0 < 1.0):
+            raise ConfigError(f"curriculum='cm' needs fewstep.s0 >= 2 (N(0) = s0 points) and 0 < mu0 < 1, got "
+                              f"s0={f.s0}, mu0={f.mu0}")
+    if f.sample_steps < 1:
+        raise ConfigError(f"fewstep.sample_steps must be >= 1, got {f.sample_steps}")
+
+
 def _validate_task(config: ml_collections.ConfigDict) -> None:
-    tasks = ("diffusion", "autoencoder")
+    tasks = ("diffusion", "autoencoder", "fewstep")
     if config.task not in tasks:
         raise ConfigError(f"task={config.task!r} is not valid; choose one of {list(tasks)}")
     if (config.task == "autoencoder") != (config.model.name == "vae"):
         raise ConfigError(f"task={config.task!r} with model.name={config.model.name!r}: the autoencoder task trains "
                           f"model 'vae' and only it (see configs/vae_mnist.py); set both or neither")
+    if config.task == "fewstep":
+        _validate_fewstep(config)
     if config.task != "autoencoder":
         return
     a = config.autoencoder
@@ -367,6 +474,24 @@ def _validate_task(config: ml_collections.ConfigDict) -> None:
             if c % min(a.disc_norm_groups, c):
                 raise ConfigError(f"the discriminator's {c} channels (autoencoder.disc_ch * {min(2 ** i, 8)}) are not "
                                   f"divisible by autoencoder.disc_norm_groups={a.disc_norm_groups}")
+
+
+def _validate_latent(config: ml_collections.ConfigDict) -> None:
+    lat = config.latent
+    if not lat.autoencoder:
+        return
+    if config.task != "diffusion":
+        raise ConfigError(f"latent.autoencoder is for diffusion runs; task={config.task!r} trains on pixels "
+                          f"(set latent.autoencoder='')")
+    for key in ("step", "downsample_factor", "channels"):
+        if lat[key] < 0:
+            raise ConfigError(f"latent.{key} must be >= 0, got {lat[key]}")
+    if config.sample.clip_x0:
+        raise ConfigError("latents are not bounded to [-1, 1], so clipping the x0 prediction would distort them: "
+                          "set sample.clip_x0=False for a latent diffusion run")
+    if lat.cache and config.data.random_flip:
+        raise ConfigError("the latent cache stores the encodings of unflipped images: set latent.cache=False "
+                          "(encode every batch, flips included) or data.random_flip=False")
 
 
 def config_help(config: ml_collections.ConfigDict) -> str:

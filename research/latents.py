@@ -178,3 +178,232 @@ def round_trip_psnr(ae: Autoencoder, images_uint8: np.ndarray, batch_size: int =
     mse = np.concatenate(errors)
     return {"psnr": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
             "psnr_of_mean_mse": float(10 * np.log10(1.0 / mse.mean())), "mse": float(mse.mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The latent pipeline of a diffusion run (config.latent): geometry, the cached training set, z ~ q(z|x) per step.
+
+
+def latent_enabled(config) -> bool:
+    return bool("latent" in config and config.latent.autoencoder)
+
+
+def autoencoder_geometry(workdir: str) -> tuple:
+    """(downsample factor, latent channels, pixel data section) of an autoencoder workdir, from its config.json
+    alone (no weights are read)."""
+    from research.config import ConfigError, config_from_dict
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"latent.autoencoder={workdir!r} has no config.json: train one first (e.g. python -m "
+                          f"research.train --config configs/vae_mnist.py --workdir {workdir}), or declare "
+                          f"latent.downsample_factor and latent.channels to inspect the config without it")
+    with open(path) as f:
+        ae_config = config_from_dict(json.load(f))
+    if ae_config.task != "autoencoder":
+        raise ConfigError(f"latent.autoencoder={workdir!r} is a {ae_config.task!r} run, not an autoencoder")
+    return 2 ** (len(ae_config.model.ch_mult) - 1), int(ae_config.model.z_channels), ae_config.data
+
+
+def latent_geometry(config) -> tuple:
+    """(f, z_channels): the declared latent.downsample_factor / latent.channels, else the autoencoder's."""
+    lat = config.latent
+    f, z = int(lat.downsample_factor), int(lat.channels)
+    if f and z:
+        return f, z
+    af, az, _ = autoencoder_geometry(lat.autoencoder)
+    return f or af, z or az
+
+
+def model_input_shape(config) -> tuple:
+    """(H, W, C) the diffusion network sees: the pixel data's, or its autoencoder latents' (H/f, W/f, z)."""
+    from research.config import ConfigError
+
+    d = config.data
+    if not latent_enabled(config):
+        return (int(d.image_size), int(d.image_size), int(d.channels))
+    f, z = latent_geometry(config)
+    if d.image_size % f:
+        raise ConfigError(f"data.image_size={d.image_size} is not divisible by the autoencoder's downsampling "
+                          f"factor {f}")
+    return (d.image_size // f, d.image_size // f, z)
+
+
+def resolve_latent_config(config):
+    """A copy with latent.autoencoder made absolute and latent.step set to the checkpoint used, so config.json
+    names exactly the autoencoder a run was trained with (later checkpoints of it do not change the run)."""
+    if not latent_enabled(config):
+        return config
+    from research.config import ConfigError
+    from research.train.checkpoint import Checkpointer
+
+    config = config.copy_and_resolve_references()
+    workdir = os.path.abspath(config.latent.autoencoder)
+    autoencoder_geometry(workdir)  # a clear error for a missing or wrong workdir
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
+    steps = sorted(ckpt.all_steps())
+    ckpt.close()
+    if not steps:
+        raise ConfigError(f"latent.autoencoder={workdir!r} has no checkpoint yet")
+    step = int(config.latent.step) or steps[-1]
+    if step not in steps:
+        raise ConfigError(f"latent.step={step}: {workdir} has checkpoints {steps}")
+    config.latent.autoencoder, config.latent.step = workdir, step
+    return config
+
+
+def load_run_autoencoder(config) -> Autoencoder:
+    """The autoencoder a latent diffusion config names, checked against its pixel data and declared geometry."""
+    from research.config import ConfigError
+
+    lat = config.latent
+    ae = load_autoencoder(lat.autoencoder, int(lat.step) or None, use_ema=lat.use_ema)
+    d, ad = config.data, ae.config.data
+    for key in ("image_size", "channels", "centered"):
+        if d[key] != ad[key]:
+            raise ConfigError(f"data.{key}={d[key]!r} but the autoencoder in {lat.autoencoder} was trained with "
+                              f"data.{key}={ad[key]!r}; the diffusion run must see pixels as its autoencoder did")
+    for key, have in (("downsample_factor", ae.downsample_factor), ("channels", ae.model.z_channels)):
+        if lat[key] and lat[key] != have:
+            raise ConfigError(f"latent.{key}={lat[key]} but the autoencoder in {lat.autoencoder} has {have}")
+    return ae
+
+
+def params_digest(params) -> str:
+    """sha256 over the parameter bytes in tree order: identifies the exact weights a cache was made with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+CACHE_META = "meta.json"
+
+
+class LatentCacheSource:
+    """A split encoded once: the scaled posterior mean and std of every image (memory-mapped .npy files).
+
+    read_batch returns 'images' float32 [B, h, w, 2z] (mean | std along channels, already in latent units) and
+    labels; make_latent_fn(cached=True) turns them into z ~ q(z|x) with the step's key, so every epoch sees new
+    posterior draws, as encoding on the fly would.
+    """
+
+    def __init__(self, directory: str):
+        with open(os.path.join(directory, CACHE_META)) as f:
+            self.meta = json.load(f)
+        self.directory = directory
+        self.mean = np.load(os.path.join(directory, "mean.npy"), mmap_mode="r")
+        self.std = np.load(os.path.join(directory, "std.npy"), mmap_mode="r")
+        self.labels = np.load(os.path.join(directory, "labels.npy"))
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    @property
+    def image_shape(self) -> tuple:
+        h, w, z = self.mean.shape[1:]
+        return (h, w, 2 * z)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read_batch(self, indices) -> tuple:
+        idx = np.asarray(indices, np.int64)
+        moments = np.concatenate([self.mean[idx], self.std[idx]], axis=-1).astype(np.float32)
+        return moments, self.labels[idx]
+
+    def __getitem__(self, index: int) -> dict:
+        moments, labels = self.read_batch([index])
+        return {"image": moments[0], "label": labels[0]}
+
+    def __repr__(self) -> str:
+        return f"LatentCacheSource({self.directory!r}, {len(self)} examples)"
+
+
+def _cache_key(config, ae: Autoencoder, split: str, digest: str) -> dict:
+    d = config.data
+    return {"data": {k: d[k] for k in ("name", "tfds_name", "data_dir", "image_size", "channels", "centered")},
+            "split": split, "autoencoder": os.path.abspath(config.latent.autoencoder), "step": ae.step,
+            "use_ema": bool(config.latent.use_ema), "scale": ae.scale, "params_sha256": digest}
+
+
+def latent_cache(config, ae: Autoencoder, split: str = "train", *, batch_size: int = 256,
+                 progress: bool = True) -> LatentCacheSource:
+    """The cache of `split` for this (data, autoencoder weights, scale), encoding it first if it is missing.
+
+    Lives in latent.cache_dir (default AUTOENCODER/latent_cache) under a name hashed from everything that
+    determines its contents, so a retrained autoencoder or another dataset never reads a stale cache. Written by
+    process 0 into a temporary folder renamed on completion (meta.json last); other processes wait for it.
+    """
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from research.data import get_source, read_examples, to_model_range
+
+    key = _cache_key(config, ae, split, params_digest(ae.params))
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = config.latent.cache_dir or os.path.join(config.latent.autoencoder, "latent_cache")
+    directory = os.path.join(root, f"{config.data.name}-{split}-{name}")
+    if not os.path.isfile(os.path.join(directory, CACHE_META)) and jax.process_index() == 0:
+        source = get_source(config.data, split)
+        n = len(source)
+        h, w, z = ae.latent_shape(tuple(source.image_shape))
+        tmp = directory + f".tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        mean = np.lib.format.open_memmap(os.path.join(tmp, "mean.npy"), "w+", np.float32, (n, h, w, z))
+        std = np.lib.format.open_memmap(os.path.join(tmp, "std.npy"), "w+", np.float32, (n, h, w, z))
+        labels = np.zeros((n,), np.int32)
+        model, scale = ae.model, ae.scale
+
+        @jax.jit
+        def moments(params, x):
+            posterior = model.apply({"params": params}, x, method="encode")
+            return posterior.mean * scale, posterior.std * scale
+
+        batch_size = min(batch_size, n)
+        for start in tqdm(range(0, n, batch_size), desc=f"encoding {config.data.name}:{split} to latents",
+                          disable=not progress):
+            idx = np.arange(start, min(start + batch_size, n))
+            images, labels[idx] = read_examples(source, idx)
+            x = to_model_range(images, centered=config.data.centered)
+            if len(x) < batch_size:  # one program for every batch
+                x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
+            m, s = jax.device_get(moments(ae.params, x))
+            mean[idx], std[idx] = m[:len(idx)], s[:len(idx)]
+        mean.flush()
+        std.flush()
+        del mean, std
+        np.save(os.path.join(tmp, "labels.npy"), labels)
+        with open(os.path.join(tmp, CACHE_META), "w") as f:
+            json.dump({**key, "num_examples": n, "latent_shape": [h, w, z]}, f, indent=2)
+        if os.path.isdir(directory):  # an incomplete earlier attempt
+            import shutil
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"latent cache {directory}")
+    return LatentCacheSource(directory)
+
+
+def make_latent_fn(ae: Autoencoder, *, cached: bool, seed: int, out_sharding=None):
+    """(batch['image'], step) -> scaled latents z ~ q(z|x), the key depending only on (seed, step) so a resumed
+    run draws the same latents. cached: the image is the cache's [mean | std]; otherwise pixels, encoded here."""
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x1A7E)
+    model, scale = ae.model, ae.scale
+
+    def from_moments(moments, key):
+        mean, std = jnp.split(moments, 2, axis=-1)
+        return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
+
+    def from_pixels(params, images, key):
+        return _encode(model, params, images, key, scale)
+
+    if cached:
+        fn = jax.jit(from_moments, out_shardings=out_sharding)
+        return lambda images, step: fn(images, jax.random.fold_in(base, step))
+    fn = jax.jit(from_pixels, out_shardings=out_sharding)
+    return lambda images, step: fn(ae.params, images, jax.random.fold_in(base, step))

@@ -68,8 +68,13 @@ class Generator:
         self.schedule = sampling_schedule(schedule_from_config(config.diffusion), s.steps if steps is None else steps)
         self.num_steps = self.schedule.num_steps
         self.conditional = bool(config.model.get("num_classes", 0))
-        d = config.data
-        shape = (self.batch_size, d.image_size, d.image_size, d.channels)
+        from research.latents import latent_enabled, model_input_shape
+        shape = (self.batch_size, *model_input_shape(config))
+        # Latent diffusion: samples are drawn in latent space and decoded by the run's autoencoder.
+        self.autoencoder = None
+        if latent_enabled(config):
+            from research.latents import load_run_autoencoder
+            self.autoencoder = load_run_autoencoder(config)
         kwargs = dict(prediction=config.diffusion.prediction, clip_x0=s.clip_x0 if clip_x0 is None else clip_x0)
         if self.sampler == "ddim":
             kwargs["eta"] = self.eta
@@ -85,7 +90,8 @@ class Generator:
         self._run = jax.jit(run)
 
     def generate(self, params, num: int, seed: int = 0, labels: Optional[np.ndarray] = None, progress: bool = True):
-        """-> (samples float32 [num, H, W, C] in model range, labels or None, NFE per sample)."""
+        """-> (samples float32 [num, H, W, C] in model range, labels or None, NFE per sample); a latent diffusion
+        run's samples are decoded to pixels."""
         if self.conditional and labels is None:
             labels = np.arange(num) % self.config.model.num_classes
         base = jax.random.PRNGKey(seed)
@@ -97,7 +103,10 @@ class Generator:
                 chunk = np.asarray(labels[b * self.batch_size:(b + 1) * self.batch_size], np.int32)
                 lab = jnp.asarray(np.resize(chunk, self.batch_size))  # pad the last batch by repetition
             result = self._run(params, jax.random.fold_in(base, b), lab)
-            out.append(np.asarray(result.samples))
+            samples = result.samples
+            if self.autoencoder is not None:
+                samples = self.autoencoder.decode_latents(samples)
+            out.append(np.asarray(samples))
             nfe = int(result.nfe)
         samples = np.concatenate(out)[:num]
         return samples, (None if labels is None else np.asarray(labels[:num])), nfe

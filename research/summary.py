@@ -51,7 +51,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = summarize(config)
-    print(f"model: {config.model.name}  input: {config.data.image_size}x{config.data.image_size}x{config.data.channels}")
+    from research.latents import latent_enabled, model_input_shape
+    h, w, c = model_input_shape(config)
+    where = f" (latents of {config.latent.autoencoder})" if latent_enabled(config) else ""
+    print(f"model: {config.model.name}  input: {h}x{w}x{c}{where}")
     print(f"params: {result['params']}")
     print(f"gflops: {result['gflops']:.3f}")
     # Papers that count a multiply-add as one FLOP (DiT's Table 4 'Gflops') report half of XLA's figure.

@@ -5,6 +5,7 @@ from research.data.pipeline import (
     make_eval_arrays,
     make_train_iterator,
     peek_shape,
+    read_examples,
     to_model_range,
 )
 from research.data.sources import (
@@ -33,5 +34,6 @@ __all__ = [
     "make_eval_arrays",
     "make_train_iterator",
     "peek_shape",
+    "read_examples",
     "to_model_range",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "make_train_iterator",
     "make_eval_arrays",
     "peek_shape",
+    "read_examples",
 ]
 
 
@@ -56,7 +57,10 @@ def _read_records(source: Any, indices: np.ndarray) -> tuple[np.ndarray, np.ndar
     return images, labels
 
 
-def _read(source: Any, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def read_examples(source: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [N, H, W, C], labels int32 [N])`` of ``source`` at ``indices``, whatever the source kind
+    (in-memory arrays, a batch reader, or per-record access)."""
+    indices = np.asarray(indices, dtype=np.int64)
     if hasattr(source, "as_array"):
         images, labels = source.as_array()
         return images[indices], labels[indices]
@@ -85,12 +89,15 @@ class _LocalBatch:
 
     def __call__(self, item: tuple[np.ndarray, np.ndarray | None]) -> dict[str, np.ndarray]:
         indices, flips = item
-        images, labels = _read(self.source, indices[self.start : self.stop])
+        images, labels = read_examples(self.source, indices[self.start : self.stop])
         if flips is not None:
             flips = flips[self.start : self.stop]
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+        # uint8 pixels are scaled to the model range; float sources (cached latent moments) are already there.
+        if images.dtype == np.uint8:
+            images = to_model_range(images, centered=self.centered)
         return {
-            "image": to_model_range(images, centered=self.centered),
+            "image": np.asarray(images, dtype=np.float32),
             "label": labels.astype(np.int32, copy=False),
         }
 
@@ -103,6 +110,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     split: str = "train",
+    source: Any = None,
 ) -> "grain.DatasetIterator":
     """Infinite, shuffled, checkpointable iterator of this process's training batches.
 
@@ -110,7 +118,8 @@ def make_train_iterator(
     ``B = global_batch_size // process_count``; images are in [-1, 1], or
     [0, 1] when ``data_config.centered`` is False. ``data_config.random_flip``
     enables deterministic horizontal flips. Reading happens in the calling
-    thread unless ``data_config.num_threads`` > 0.
+    thread unless ``data_config.num_threads`` > 0. ``source`` replaces the
+    configured one (e.g. a latent cache, research.latents.LatentCacheSource).
     """
     import grain
 
@@ -123,7 +132,8 @@ def make_train_iterator(
             f"global_batch_size={global_batch_size} must be a positive multiple of "
             f"process_count={process_count}"
         )
-    source = get_source(data_config, split)
+    if source is None:
+        source = get_source(data_config, split)
     num_examples = len(source)
     if num_examples < global_batch_size:
         raise DataError(
@@ -163,7 +173,7 @@ def make_eval_arrays(data_config: Any, split: str = "test", num: int | None = No
         num = total
     if not 0 < num <= total:
         raise DataError(f"asked for {num} examples but {source!r} has {total}")
-    images, labels = _read(source, np.arange(num))
+    images, labels = read_examples(source, np.arange(num))
     # Copies, so callers may modify them without touching the source's cache.
     return np.array(images, dtype=np.uint8), np.array(labels, dtype=np.int32)
 

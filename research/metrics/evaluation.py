@@ -75,14 +75,14 @@ def parse_dataset_spec(text: str) -> Optional[DatasetSpec]:
 
 def dataset_images(spec: DatasetSpec, data_dir: Optional[str] = None):
     """-> (uint8 images [N, H, W, C], int32 labels [N]) of a dataset split, through the project's data sources."""
-    from research.data.pipeline import _read
+    from research.data import read_examples
     from research.data.sources import get_source
 
     # The data layer raises DataError naming the fix when files are missing or the name is unknown.
     source = get_source({"name": spec.name, "data_dir": data_dir or ""}, spec.split, check_shape=False)
     if spec.num is not None and spec.num > len(source):
         raise EvaluationError(f"{spec} asks for {spec.num} images but the split has {len(source)}")
-    images, labels = _read(source, np.arange(spec.num or len(source)))
+    images, labels = read_examples(source, np.arange(spec.num or len(source)))
     return np.array(images, np.uint8), np.array(labels, np.int32)
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from research.config import ConfigError, validate_config
 from research.diffusion import likelihood
+from research.latents import latent_enabled, model_input_shape
 from research.models import build_model
 from research.sampling import Generator, schedule_from_config, to_uint8
 from research.images import save_grid
@@ -35,7 +36,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def output_channels(config) -> int:
-    return config.data.channels * (2 if config.diffusion.var_type == "learned_range" else 1)
+    return model_input_shape(config)[2] * (2 if config.diffusion.var_type == "learned_range" else 1)
 
 
 def model_from_config(config):
@@ -43,8 +44,7 @@ def model_from_config(config):
 
 
 def example_inputs(config, batch: int = 1):
-    d = config.data
-    x = jax.ShapeDtypeStruct((batch, d.image_size, d.image_size, d.channels), jnp.float32)
+    x = jax.ShapeDtypeStruct((batch, *model_input_shape(config)), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
     y = jax.ShapeDtypeStruct((batch,), jnp.int32) if config.model.get("num_classes", 0) else None
     return x, t, y
@@ -120,6 +120,9 @@ def build_trainer(config, mesh=None) -> Trainer:
     if config.task == "autoencoder":
         from research.train.autoencoder import build_autoencoder_trainer
         return build_autoencoder_trainer(config, mesh)
+    if config.task == "fewstep":
+        from research.train.fewstep import build_fewstep_trainer
+        return build_fewstep_trainer(config, mesh)
     tc = config.train
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(tc.mesh_model)
     model = model_from_config(config)
@@ -168,14 +171,26 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
                           f"set data.image_size / data.channels to match")
 
     workdir = os.path.abspath(workdir)
+    source, to_latents = None, None
+    if latent_enabled(config):
+        # Latent diffusion: the data stays pixels; the model trains on z ~ q(z|x) of the named autoencoder.
+        from research.latents import latent_cache, load_run_autoencoder, make_latent_fn, resolve_latent_config
+        config = resolve_latent_config(config)
+        autoencoder = load_run_autoencoder(config)
+        if config.latent.cache:
+            source = latent_cache(config, autoencoder, "train", progress=tc.progress)
     write_run_files(config, workdir)
     trainer = build_trainer(config, mesh)
     model, batch_sh, meta = trainer.model, trainer.batch_sharding, trainer.meta
     conditional = trainer.conditional
+    if latent_enabled(config):
+        to_latents = make_latent_fn(autoencoder, cached=bool(config.latent.cache), seed=config.seed,
+                                    out_sharding=batch_sh)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
     data_iter = make_train_iterator(config.data, global_batch_size=tc.batch_size, seed=config.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    source=source)
     latest = ckpt.latest_step()
     if latest is not None:
         ckpt.check_compatible(latest, meta)
@@ -229,6 +244,8 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     try:
         for step in range(start, end):
             batch = mesh_lib.global_batch(next(data_iter), batch_sh)
+            if to_latents is not None:
+                batch["image"] = to_latents(batch["image"], step)
             if not conditional:
                 batch.pop("label", None)
             state, metrics = train_step(state, batch)
