@@ -155,6 +155,8 @@ def base_config() -> ml_collections.ConfigDict:
         autoencoder="",         # workdir of a task='autoencoder' run; '' trains in pixel space
         step=0,                 # its checkpoint step; 0 takes the newest (the resolved step is stored in config.json)
         use_ema=True,           # the autoencoder's EMA parameters
+        normalization="scale",  # scale: z * (1 / std over all elements) (LDM, Stable Diffusion) | channel:
+                                # (z - mean_c) / std_c per latent channel (statistics stored with the scale)
         downsample_factor=0,    # declared latent geometry, checked against the autoencoder at start-up;
         channels=0,             # 0 reads it from the autoencoder's config.json
         cache=True,             # encode the training split once (posterior mean and std) to a cache read by grain,
@@ -486,6 +488,9 @@ def _validate_latent(config: ml_collections.ConfigDict) -> None:
     for key in ("step", "downsample_factor", "channels"):
         if lat[key] < 0:
             raise ConfigError(f"latent.{key} must be >= 0, got {lat[key]}")
+    if lat.normalization not in ("scale", "channel"):
+        raise ConfigError(f"latent.normalization={lat.normalization!r} is not valid; choose one of "
+                          f"['scale', 'channel']")
     if config.sample.clip_x0:
         raise ConfigError("latents are not bounded to [-1, 1], so clipping the x0 prediction would distort them: "
                           "set sample.clip_x0=False for a latent diffusion run")

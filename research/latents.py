@@ -26,25 +26,27 @@ import numpy as np
 LATENT_SCALE_FILE = "latent_scale.json"
 
 
-def _encode(model, params, images, key, scale):
+def _encode(model, params, images, key, scale, shift=0.0):
     posterior = model.apply({"params": params}, images, method="encode")
     z = posterior.mode() if key is None else posterior.sample(key)
-    return z * scale
+    return (z - shift) * scale
 
 
-def _decode(model, params, latents, scale):
-    return model.apply({"params": params}, latents / scale, method="decode")
+def _decode(model, params, latents, scale, shift=0.0):
+    return model.apply({"params": params}, latents / scale + shift, method="decode")
 
 
 def compute_latent_scale(model, params, images: np.ndarray, key: jax.Array, batch_size: int = 256) -> dict:
     """1 / std of posterior samples of `images` [N, H, W, C] (model range), in batches (batch b uses
-    fold_in(key, b)). -> {'scale', 'latent_std', 'latent_mean', 'num_images'}."""
+    fold_in(key, b)). -> {'scale', 'latent_std', 'latent_mean', 'num_images', and per latent channel
+    'channel_mean', 'channel_std'}."""
     images = np.asarray(images, np.float32)
     n = len(images)
     batch_size = min(batch_size, n)
     sample = jax.jit(lambda p, x, k: _encode(model, p, x, k, 1.0))
     total = total_sq = 0.0
     count = 0
+    channel_total = channel_sq = 0.0
     for b, start in enumerate(range(0, n, batch_size)):
         x = images[start:start + batch_size]
         real = len(x)
@@ -54,11 +56,19 @@ def compute_latent_scale(model, params, images: np.ndarray, key: jax.Array, batc
         total += z.sum()
         total_sq += np.square(z).sum()
         count += z.size
+        channel_total = channel_total + z.sum(axis=(0, 1, 2))
+        channel_sq = channel_sq + np.square(z).sum(axis=(0, 1, 2))
     mean = total / count
     std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
     if not std > 0:
         raise ValueError("the encoded latents have zero variance; the autoencoder is degenerate")
-    return {"scale": 1.0 / std, "latent_std": std, "latent_mean": float(mean), "num_images": n}
+    per_channel = count / np.size(channel_total)
+    channel_mean = channel_total / per_channel
+    channel_std = np.sqrt(np.maximum(channel_sq / per_channel - channel_mean ** 2, 0.0))
+    if not np.all(channel_std > 0):
+        raise ValueError(f"a latent channel has zero variance (stds {channel_std}); the autoencoder is degenerate")
+    return {"scale": 1.0 / std, "latent_std": std, "latent_mean": float(mean), "num_images": n,
+            "channel_mean": channel_mean.tolist(), "channel_std": channel_std.tolist()}
 
 
 def _params_name(use_ema: bool) -> str:
@@ -91,7 +101,7 @@ def write_latent_scale(workdir: str, step: int, entry: dict, use_ema: bool = Tru
 def ensure_latent_scale(config, model, params, workdir: str, step: int, use_ema: bool = True) -> dict:
     """The stored scale entry for (step, EMA or raw params), computed from the training images if missing."""
     entry = read_latent_scale(workdir, step, use_ema)
-    if entry is not None:
+    if entry is not None and "channel_std" in entry:  # entries written before the per-channel statistics are redone
         return entry
     from research.data import get_source, make_eval_arrays, to_model_range
 
@@ -111,15 +121,17 @@ class Autoencoder:
 
     model: Any
     params: Any
-    scale: float
+    scale: Any              # float, or per-channel [z] with normalization='channel'
     config: Any
     step: int
+    shift: Any = 0.0        # 0, or the per-channel mean [z] with normalization='channel'
+    normalization: str = "scale"
 
     def __post_init__(self):
         model = self.model
-        self._encode_mode = jax.jit(lambda p, x, s: _encode(model, p, x, None, s))
-        self._encode_sample = jax.jit(lambda p, x, k, s: _encode(model, p, x, k, s))
-        self._decode = jax.jit(lambda p, z, s: _decode(model, p, z, s))
+        self._encode_mode = jax.jit(lambda p, x, s, m: _encode(model, p, x, None, s, m))
+        self._encode_sample = jax.jit(lambda p, x, k, s, m: _encode(model, p, x, k, s, m))
+        self._decode = jax.jit(lambda p, z, s, m: _decode(model, p, z, s, m))
 
     @property
     def downsample_factor(self) -> int:
@@ -133,20 +145,31 @@ class Autoencoder:
     def encode_to_latents(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
         """[B, H, W, C] -> scale * z [B, H/f, W/f, z]: a posterior sample with key, the posterior mean without."""
         if key is None:
-            return self._encode_mode(self.params, images, self.scale)
-        return self._encode_sample(self.params, images, key, self.scale)
+            return self._encode_mode(self.params, images, self.scale, self.shift)
+        return self._encode_sample(self.params, images, key, self.scale, self.shift)
 
     def decode_latents(self, latents: jax.Array) -> jax.Array:
         """scale * z [B, h, w, z] -> images [B, h*f, w*f, C] (unclipped)."""
-        return self._decode(self.params, latents, self.scale)
+        return self._decode(self.params, latents, self.scale, self.shift)
 
     encode = encode_to_latents
     decode = decode_latents
 
 
-def load_autoencoder(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> Autoencoder:
+NORMALIZATIONS = ("scale", "channel")
+
+
+def load_autoencoder(workdir: str, step: Optional[int] = None, use_ema: bool = True,
+                     normalization: str = "scale") -> Autoencoder:
     """The autoencoder of a task='autoencoder' training workdir at `step` (default: newest checkpoint), with its
-    latent scale (read from latent_scale.json, or computed and stored there if this step has none)."""
+    latent statistics (read from latent_scale.json, or computed and stored there if this step has none).
+
+    normalization 'scale': z * scale with one scale = 1 / std over all elements (Rombach et al.; Stable
+    Diffusion's 0.18215). 'channel': (z - mean_c) / std_c per latent channel, for autoencoders whose channels
+    carry offsets larger than their spread (then one global std mostly measures the offsets, and the
+    diffusion model would see the images' variation at a fraction of unit scale)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}; choose one of {list(NORMALIZATIONS)}")
     from research.config import ConfigError
     from research.sample import load_run
 
@@ -159,6 +182,9 @@ def load_autoencoder(workdir: str, step: Optional[int] = None, use_ema: bool = T
                               f"configs/vae_mnist.py)")
     config, model, params, step = load_run(workdir, step, use_ema=use_ema)
     entry = ensure_latent_scale(config, model, params, workdir, step, use_ema)
+    if normalization == "channel":
+        return Autoencoder(model, params, 1.0 / np.asarray(entry["channel_std"], np.float32), config, int(step),
+                           shift=np.asarray(entry["channel_mean"], np.float32), normalization="channel")
     return Autoencoder(model, params, float(entry["scale"]), config, int(step))
 
 
@@ -257,7 +283,8 @@ def load_run_autoencoder(config) -> Autoencoder:
     from research.config import ConfigError
 
     lat = config.latent
-    ae = load_autoencoder(lat.autoencoder, int(lat.step) or None, use_ema=lat.use_ema)
+    ae = load_autoencoder(lat.autoencoder, int(lat.step) or None, use_ema=lat.use_ema,
+                          normalization=lat.normalization)
     d, ad = config.data, ae.config.data
     for key in ("image_size", "channels", "centered"):
         if d[key] != ad[key]:
@@ -326,7 +353,9 @@ def _cache_key(config, ae: Autoencoder, split: str, digest: str) -> dict:
     d = config.data
     return {"data": {k: d[k] for k in ("name", "tfds_name", "data_dir", "image_size", "channels", "centered")},
             "split": split, "autoencoder": os.path.abspath(config.latent.autoencoder), "step": ae.step,
-            "use_ema": bool(config.latent.use_ema), "scale": ae.scale, "params_sha256": digest}
+            "use_ema": bool(config.latent.use_ema), "normalization": ae.normalization,
+            "scale": np.asarray(ae.scale, np.float64).tolist(), "shift": np.asarray(ae.shift, np.float64).tolist(),
+            "params_sha256": digest}
 
 
 def latent_cache(config, ae: Autoencoder, split: str = "train", *, batch_size: int = 256,
@@ -356,12 +385,12 @@ def latent_cache(config, ae: Autoencoder, split: str = "train", *, batch_size: i
         mean = np.lib.format.open_memmap(os.path.join(tmp, "mean.npy"), "w+", np.float32, (n, h, w, z))
         std = np.lib.format.open_memmap(os.path.join(tmp, "std.npy"), "w+", np.float32, (n, h, w, z))
         labels = np.zeros((n,), np.int32)
-        model, scale = ae.model, ae.scale
+        model, scale, shift = ae.model, ae.scale, ae.shift
 
         @jax.jit
         def moments(params, x):
             posterior = model.apply({"params": params}, x, method="encode")
-            return posterior.mean * scale, posterior.std * scale
+            return (posterior.mean - shift) * scale, posterior.std * scale
 
         batch_size = min(batch_size, n)
         for start in tqdm(range(0, n, batch_size), desc=f"encoding {config.data.name}:{split} to latents",
@@ -393,14 +422,14 @@ def make_latent_fn(ae: Autoencoder, *, cached: bool, seed: int, out_sharding=Non
     """(batch['image'], step) -> scaled latents z ~ q(z|x), the key depending only on (seed, step) so a resumed
     run draws the same latents. cached: the image is the cache's [mean | std]; otherwise pixels, encoded here."""
     base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x1A7E)
-    model, scale = ae.model, ae.scale
+    model, scale, shift = ae.model, ae.scale, ae.shift
 
     def from_moments(moments, key):
         mean, std = jnp.split(moments, 2, axis=-1)
         return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
     def from_pixels(params, images, key):
-        return _encode(model, params, images, key, scale)
+        return _encode(model, params, images, key, scale, shift)
 
     if cached:
         fn = jax.jit(from_moments, out_shardings=out_sharding)

@@ -23,6 +23,8 @@ sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torc
 
 import pytest  # noqa: E402
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture
 def tiny_config():
@@ -53,3 +55,17 @@ def make_tiny_config():
     c.sample.num = 8
     c.sample.steps = "10"
     return c
+
+
+@pytest.fixture(scope="session")
+def mnist_autoencoder(tmp_path_factory):
+    """Workdir of configs/vae_mnist.py trained for 500 of its 2000 steps (slow tests: the autoencoder's PSNR and
+    the latent DiT on its latents share this one run)."""
+    from research.config import get_config
+    from research.train.loop import train
+
+    config = get_config(os.path.join(REPO_ROOT, "configs", "vae_mnist.py"),
+                        [("train.num_steps", "500"), ("train.sample_every", "0"), ("train.progress", "false")])
+    workdir = str(tmp_path_factory.mktemp("mnist_autoencoder") / "vae_mnist")
+    train(config, workdir)
+    return workdir

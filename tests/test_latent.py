@@ -111,6 +111,23 @@ def test_cache_holds_scaled_posterior_moments_and_matches_encoding_on_the_fly(au
     assert 0.5 < float(np.asarray(from_cache(cache.read_batch(np.arange(512))[0], 0)).std()) < 1.5
 
 
+def test_channel_normalization_standardises_each_latent_channel_and_inverts_exactly(autoencoder_dir):
+    scaled = load_autoencoder(autoencoder_dir)
+    channel = load_autoencoder(autoencoder_dir, normalization="channel")
+    images, _ = make_eval_arrays(scaled.config.data, "train", 256)  # the images the statistics were taken on
+    x = to_model_range(images)
+    key = jax.random.PRNGKey(scaled.config.seed)
+    z = np.concatenate([np.asarray(channel.encode_to_latents(x[:256], jax.random.fold_in(key, 0)))])
+    np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1.0, rtol=1e-3)
+    # The same affine map as the global scale up to per-channel constants: decoding inverts either exactly.
+    np.testing.assert_allclose(np.asarray(channel.decode_latents(channel.encode_to_latents(x[:16]))),
+                               np.asarray(scaled.decode_latents(scaled.encode_to_latents(x[:16]))),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="normalization='global'"):
+        load_autoencoder(autoencoder_dir, normalization="global")
+
+
 def test_cache_is_reused_and_keyed_by_the_exact_weights(autoencoder_dir):
     config = resolve_latent_config(latent_dit_config(autoencoder_dir))
     first = latent_cache(config, load_run_autoencoder(config), progress=False)
@@ -182,3 +199,50 @@ def test_latent_config_errors_name_the_fix(autoencoder_dir, tmp_path):
     config.latent.step = 4
     with pytest.raises(ConfigError, match=r"latent.step=4: .* has checkpoints \[3, 6\]"):
         resolve_latent_config(config)
+
+
+# --- quality (slow) ------------------------------------------------------------------------------------------
+
+DIT_TEST_STEPS = 1500
+
+
+@pytest.mark.slow
+def test_mnist_latent_dit_samples_are_recognised_by_a_real_data_classifier(mnist_autoencoder, tmp_path):
+    """Both stages of configs/dit_mnist_latent.py at a test budget: the autoencoder of configs/vae_mnist.py at
+    500 steps (shared conftest fixture), then the latent DiT for DIT_TEST_STEPS of its 4000 steps (cosine decay
+    over those). 500 class-conditional samples (50 per digit, DDIM 50, decoded to pixels) are classified by the
+    MNIST domain classifier, trained on real digits (99.2% test accuracy): most samples must be read as the
+    digit they were drawn for, and the set must not collapse to a few prototypes."""
+    from research.metrics.classifier import classifier_accuracy, get_domain_classifier
+    from research.sample import load_run
+
+    config = get_config(os.path.join(REPO, "configs", "dit_mnist_latent.py"),
+                        [("latent.autoencoder", mnist_autoencoder), ("train.num_steps", str(DIT_TEST_STEPS)),
+                         ("train.sample_every", "0"), ("train.progress", "false")])
+    workdir = str(tmp_path / "dit_mnist")
+    train(config, workdir)
+    run_config, model, params, _ = load_run(workdir)
+    labels = np.arange(500) % 10
+    samples, _, nfe = Generator(model, run_config, batch_size=250).generate(params, 500, seed=1, labels=labels,
+                                                                            progress=False)
+    assert samples.shape == (500, 28, 28, 1) and nfe == 50
+    from research.sampling import to_uint8
+    images = to_uint8(samples, run_config.data.centered)
+    classifier = get_domain_classifier("mnist", progress=False)
+    probs = np.asarray(classifier.probs(images))
+    accuracy = classifier_accuracy(probs, labels)
+    confident = float(np.mean(probs.max(axis=1) >= 0.9))
+    print(f"latent DiT at {DIT_TEST_STEPS} steps: conditional accuracy {accuracy:.3f}, confident {confident:.3f}")
+    assert accuracy >= 0.8, accuracy
+    assert confident >= 0.6, confident
+    # Not a handful of prototypes: within each class, samples differ from one another at least half as much as
+    # real test digits of that class do (median pairwise mean |difference| in grey levels).
+    real, real_labels = make_eval_arrays(run_config.data, "test", 2000)
+
+    def spread(group):
+        g = group[:50].reshape(50, -1).astype(np.float32)
+        return np.median(np.abs(g[:, None] - g[None]).mean(-1)[np.triu_indices(50, 1)])
+
+    for digit in range(10):
+        fake_spread, real_spread = spread(images[labels == digit]), spread(real[real_labels == digit])
+        assert fake_spread > 0.5 * real_spread, (digit, fake_spread, real_spread)
