@@ -43,6 +43,37 @@ def load_run(workdir: str, step=None, use_ema: bool = True):
     return config, trainer.model, (state.ema_params if use_ema else state.params), step
 
 
+def _sample_fewstep(args, config) -> int:
+    """A few-step student: --steps k picks PD's k-step round checkpoint (default: the last round) or the number
+    of consistency steps (default fewstep.sample_steps); sampled with the student's own sampler."""
+    from research.images import save_grid
+    from research.sampling import to_uint8
+    from research.train import fewstep
+
+    if args.sampler is not None or args.eta is not None:
+        raise ConfigError("a few-step student has its own sampler (DDIM on its grid for pd, consistency sampling for "
+                          "cd/ct): drop --sampler / --eta")
+    f = config.fewstep
+    default = f.pd_final_steps if f.method == "pd" else f.sample_steps
+    steps = int(args.steps) if args.steps is not None else int(default)
+    run_config, model, params, step = fewstep.load_student(args.workdir, steps if f.method == "pd" else None,
+                                                           use_ema=not args.no_ema)
+    batch = min(args.batch_size or config.sample.batch_size, args.num)
+    sampler = fewstep.make_student_sampler(run_config, model, steps, batch)
+    t0 = time.time()
+    samples, nfe = fewstep.generate(sampler, params, args.num, batch, seed=args.seed,
+                                    num_classes=int(run_config.model.get("num_classes", 0)))
+    images = to_uint8(samples, run_config.data.centered)
+    out = args.out or os.path.join(args.workdir, "samples")
+    os.makedirs(out, exist_ok=True)
+    stem = f"samples_{f.method}_{steps}steps_seed{args.seed}"
+    save_grid(images[:256], os.path.join(out, stem + ".png"))
+    np.savez(os.path.join(out, stem + ".npz"), images=images, labels=np.zeros(0), nfe=nfe, step=step)
+    print(f"{args.num} samples from the {f.method} student (checkpoint {step}, {steps} steps, NFE={nfe}) in "
+          f"{time.time() - t0:.1f}s -> {os.path.join(out, stem)}.png/.npz")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
@@ -65,6 +96,8 @@ def main(argv=None) -> int:
         if config.task == "autoencoder":
             raise ConfigError(f"{args.workdir} holds an autoencoder, which has no sampler; its reconstructions are in "
                               f"{os.path.join(args.workdir, 'samples')} and research.latents.load_autoencoder loads it")
+        if config.task == "fewstep":
+            return _sample_fewstep(args, config)
         gen = Generator(model, config, sampler=args.sampler, steps=args.steps, eta=args.eta,
                         batch_size=min(args.batch_size or config.sample.batch_size, args.num))
     except (ConfigError, ValueError) as e:
