@@ -18,8 +18,13 @@ Other sizes: `--config.model.variant=DiT-B/4` (any of DiT-{S,B,L,XL}/{2,4,8}).
 Latent pipeline: config.data describes the 256x256 RGB images; latent.autoencoder names the autoencoder workdir
 (task='autoencoder', f8, 4 latent channels, the geometry declared below and checked at start-up) whose scaled
 latents the DiT trains on; the training split is encoded once into a latent cache. AUTOENCODER_CHECKPOINT is
-where that workdir is expected; train one with the autoencoder task at f8 (ch_mult of four levels, z_channels 4)
-or set --config.latent.autoencoder. The summary command needs only the declared geometry.
+where that workdir is expected. The paper's autoencoder, from a local diffusers copy of sd-vae-ft-ema:
+
+    python -m research.models.convert_vae --diffusers PATH/sd-vae-ft-ema --workdir runs/autoencoder_f8_imagenet256 \
+        --image-size 256 --data-name tfds --tfds-name imagenet2012        # scale 0.18215 from its config
+
+or train one with the autoencoder task at f8 (four ch_mult levels, z_channels 4), or set
+--config.latent.autoencoder. The summary command needs only the declared geometry.
 """
 
 from ml_collections import ConfigDict

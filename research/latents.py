@@ -98,10 +98,13 @@ def write_latent_scale(workdir: str, step: int, entry: dict, use_ema: bool = Tru
     return path
 
 
-def ensure_latent_scale(config, model, params, workdir: str, step: int, use_ema: bool = True) -> dict:
-    """The stored scale entry for (step, EMA or raw params), computed from the training images if missing."""
+def ensure_latent_scale(config, model, params, workdir: str, step: int, use_ema: bool = True,
+                        channel_stats: bool = False) -> dict:
+    """The stored scale entry for (step, EMA or raw params), computed from the training images if missing (or,
+    with channel_stats, if it has no per-channel statistics: entries written before they existed, imported
+    autoencoders)."""
     entry = read_latent_scale(workdir, step, use_ema)
-    if entry is not None and "channel_std" in entry:  # entries written before the per-channel statistics are redone
+    if entry is not None and (not channel_stats or "channel_std" in entry):
         return entry
     from research.data import get_source, make_eval_arrays, to_model_range
 
@@ -181,7 +184,8 @@ def load_autoencoder(workdir: str, step: Optional[int] = None, use_ema: bool = T
             raise ConfigError(f"{workdir} is a {task!r} run, not an autoencoder (task='autoencoder', e.g. "
                               f"configs/vae_mnist.py)")
     config, model, params, step = load_run(workdir, step, use_ema=use_ema)
-    entry = ensure_latent_scale(config, model, params, workdir, step, use_ema)
+    entry = ensure_latent_scale(config, model, params, workdir, step, use_ema,
+                                channel_stats=normalization == "channel")
     if normalization == "channel":
         return Autoencoder(model, params, 1.0 / np.asarray(entry["channel_std"], np.float32), config, int(step),
                            shift=np.asarray(entry["channel_mean"], np.float32), normalization="channel")

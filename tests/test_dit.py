@@ -336,14 +336,18 @@ def test_variants_resolve_and_errors_name_the_fix():
     config = get_config(CONFIG)
     with pytest.raises(ConfigError, match=r"model.variant='DiT-M/2'.*DiT-B/2"):
         validate_config(apply_overrides(config, [("model.variant", "DiT-M/2")]))
-    with pytest.raises(ConfigError, match="data.image_size=36.*patch size 8"):
-        validate_config(apply_overrides(config, [("model.variant", "DiT-S/8"), ("data.image_size", "36")]))
+    with pytest.raises(ConfigError, match="36x36x4 latents of latent.autoencoder.*patch size 8"):
+        validate_config(apply_overrides(config, [("model.variant", "DiT-S/8"), ("data.image_size", "288")]))
+    with pytest.raises(ConfigError, match="data.image_size=260 is not divisible by the autoencoder's downsampling"):
+        validate_config(apply_overrides(config, [("data.image_size", "260")]))
 
 
 def test_config_file_is_the_paper_recipe():
     c = get_config(CONFIG)
     assert (c.model.name, c.model.variant, c.model.num_classes, c.model.class_dropout) == ("dit", "DiT-XL/2", 1000, 0.1)
-    assert (c.data.image_size, c.data.channels, c.data.num_classes) == (32, 4, 1000)
+    # 256x256 RGB pixels through the declared f8, 4-channel autoencoder: 32x32x4 latents
+    assert (c.data.image_size, c.data.channels, c.data.num_classes) == (256, 3, 1000)
+    assert (c.latent.downsample_factor, c.latent.channels, c.latent.normalization) == (8, 4, "scale")
     assert (c.diffusion.schedule, c.diffusion.timesteps, c.diffusion.beta_start, c.diffusion.beta_end) == (
         "linear", 1000, 1e-4, 0.02)
     assert (c.diffusion.var_type, c.diffusion.loss) == ("learned_range", "hybrid")

@@ -5,7 +5,6 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -16,27 +15,18 @@ from research.latents import (LatentCacheSource, latent_cache, load_autoencoder,
 from research.models.dit import dit_model_config
 from research.sampling import Generator
 from research.train.loop import train
+from tests.test_vae import make_tiny_vae_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_autoencoder_config():
-    """f=2 autoencoder: 8x8 digits -> 4x4x2 latents, no discriminator; 6 steps."""
-    c = base_config()
-    c.task = "autoencoder"
-    c.model = ml_collections.ConfigDict(dict(name="vae", ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=2,
-                                             attn_resolutions=(), num_heads=1, dropout=0.0, norm_groups=4))
-    c.autoencoder.scale_num_images = 256
-    c.optim.lr = 2e-3
-    c.optim.warmup_steps = 0
-    c.optim.grad_clip = 0.0
-    c.train.batch_size = 16
+    """test_vae's f=2 autoencoder (8x8 digits -> 4x4x2 latents) without its discriminator, for 6 steps."""
+    c = make_tiny_vae_config()
+    c.autoencoder.disc_weight = 0.0
     c.train.num_steps = 6
-    c.train.ema_decay = 0.9
-    c.train.log_every = 1
     c.train.ckpt_every = 3
     c.train.sample_every = 0
-    c.train.progress = False
     return c
 
 

@@ -143,49 +143,11 @@ def test_patch_discriminator_gives_a_logit_map():
 
 
 def _port_diffusers_autoencoder(theirs) -> dict:
-    """diffusers AutoencoderKL state dict -> our parameter tree (HWIO kernels)."""
-    import torch
-    sd = {k: v.detach() for k, v in theirs.state_dict().items()}
-    conv = lambda p: {"kernel": sd[p + ".weight"].permute(2, 3, 1, 0), "bias": sd[p + ".bias"]}
-    dense = lambda p: {"kernel": sd[p + ".weight"].reshape(sd[p + ".weight"].shape[:2]).T, "bias": sd[p + ".bias"]}
-    norm = lambda p: {"scale": sd[p + ".weight"], "bias": sd[p + ".bias"]}
-
-    def res(p):
-        out = {"norm1": norm(p + ".norm1"), "conv1": conv(p + ".conv1"), "norm2": norm(p + ".norm2"),
-               "conv2": conv(p + ".conv2")}
-        if p + ".conv_shortcut.weight" in sd:
-            out["skip"] = dense(p + ".conv_shortcut")
-        return out
-
-    def attn(p):
-        q, k, v = (dense(f"{p}.{n}") for n in ("to_q", "to_k", "to_v"))
-        qkv = {"kernel": torch.cat([q["kernel"], k["kernel"], v["kernel"]], 1),
-               "bias": torch.cat([q["bias"], k["bias"], v["bias"]])}
-        return {"norm": norm(p + ".group_norm"), "qkv": qkv, "proj_out": dense(p + ".to_out.0")}
-
-    def mid(p):
-        return {"mid_res0": res(p + ".resnets.0"), "mid_attn": attn(p + ".attentions.0"),
-                "mid_res1": res(p + ".resnets.1")}
-
-    levels = len(theirs.config.block_out_channels)
-    blocks = theirs.config.layers_per_block
-    enc = {"conv_in": conv("encoder.conv_in"), "norm_out": norm("encoder.conv_norm_out"),
-           "conv_out": conv("encoder.conv_out"), **mid("encoder.mid_block")}
-    dec = {"conv_in": conv("decoder.conv_in"), "norm_out": norm("decoder.conv_norm_out"),
-           "conv_out": conv("decoder.conv_out"), **mid("decoder.mid_block")}
-    for level in range(levels):
-        for b in range(blocks):
-            enc[f"down{level}_res{b}"] = res(f"encoder.down_blocks.{level}.resnets.{b}")
-        if level != levels - 1:
-            enc[f"down{level}_down"] = {"conv": conv(f"encoder.down_blocks.{level}.downsamplers.0.conv")}
-        up = levels - 1 - level  # diffusers numbers the decoder from the bottom
-        for b in range(blocks + 1):
-            dec[f"up{level}_res{b}"] = res(f"decoder.up_blocks.{up}.resnets.{b}")
-        if level != 0:
-            dec[f"up{level}_up"] = {"conv": conv(f"decoder.up_blocks.{up}.upsamplers.0.conv")}
-    params = {"encoder": enc, "decoder": dec, "quant_conv": conv("quant_conv"),
-              "post_quant_conv": conv("post_quant_conv")}
-    return jax.tree.map(lambda t: jnp.asarray(t.numpy()), params)
+    """diffusers AutoencoderKL module -> our parameter tree, through the importer's state-dict port."""
+    from research.models.convert_vae import port_state_dict
+    sd = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
+    params = port_state_dict(sd, len(theirs.config.block_out_channels), theirs.config.layers_per_block)
+    return jax.tree.map(jnp.asarray, params)
 
 
 def test_matches_diffusers_autoencoder_kl_with_ported_weights(monkeypatch):
@@ -223,6 +185,46 @@ def test_matches_diffusers_autoencoder_kl_with_ported_weights(monkeypatch):
     out = jax.jit(lambda p, z: ours.apply({"params": p}, z, method="decode"))(params, z.numpy())
     assert np.abs(decoded).max() > 0.1
     np.testing.assert_allclose(out, decoded, atol=1e-4, rtol=1e-4)
+
+
+def test_diffusers_folder_imports_as_an_autoencoder_workdir(monkeypatch, tmp_path):
+    """A save_pretrained folder (safetensors) -> `python -m research.models.convert_vae` -> a workdir that
+    load_autoencoder and a latent diffusion config read, encoding and decoding as diffusers does."""
+    import torch
+    import diffusers.utils.import_utils as diffusers_imports
+    monkeypatch.setattr(diffusers_imports, "_torchvision_available", False)
+    from diffusers import AutoencoderKL as TorchAutoencoderKL
+    from research.latents import model_input_shape
+    from research.models import convert_vae
+
+    torch.manual_seed(1)
+    theirs = TorchAutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16),
+                                layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+                                scaling_factor=0.3).eval()
+    theirs.save_pretrained(str(tmp_path / "diffusers"), safe_serialization=True)
+    workdir = str(tmp_path / "imported")
+    assert convert_vae.main(["--diffusers", str(tmp_path / "diffusers"), "--workdir", workdir,
+                             "--image-size", "16", "--data-name", "synthetic"]) == 0
+    ae = load_autoencoder(workdir)
+    assert ae.scale == 0.3 and ae.step == 0 and ae.downsample_factor == 4
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        mean = theirs.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist.mean
+        decoded = theirs.decode(mean).sample.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(ae.encode_to_latents(x)), 0.3 * mean.permute(0, 2, 3, 1).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ae.decode_latents(ae.encode_to_latents(x))), decoded, rtol=1e-4, atol=1e-4)
+    diffusion = base_config()
+    diffusion.data.name, diffusion.data.image_size, diffusion.data.channels = "synthetic", 16, 3
+    diffusion.latent.autoencoder = workdir
+    diffusion.sample.clip_x0 = False
+    diffusion.model.ch_mult = (1, 2)
+    diffusion.model.attn_resolutions = ()
+    validate_config(diffusion)
+    assert model_input_shape(diffusion) == (4, 4, 4)
+    assert convert_vae.main(["--diffusers", str(tmp_path / "nowhere"), "--workdir", workdir,
+                             "--image-size", "16"]) == 2
 
 
 # --- losses --------------------------------------------------------------------------------------------
