@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except (ConfigError, DataError) + USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The data layer names the training command's flag; this command's equivalent is --data-dir.
+        print(f"error: {str(e).replace('--config.data.data_dir', '--data-dir')}", file=sys.stderr)
         return 2
 
 

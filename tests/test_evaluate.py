@@ -104,6 +104,12 @@ def test_fid_command_errors(tmp_path, cache, capsys):
     np.savez(tmp_path / "a.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
     assert main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--metric", "domain"]) == 2
     assert "--domain" in capsys.readouterr().err
+    # A missing data folder names this command's flag, not the training command's.
+    np.savez(tmp_path / "b.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
+    assert main(["fid", str(tmp_path / "b.npz"), "mnist:train:10", "--metric", "domain", "--domain", "mnist",
+                 "--data-dir", str(tmp_path / "no_mnist")]) == 2
+    err = capsys.readouterr().err
+    assert "no_mnist" in err and "--data-dir" in err and "--config.data" not in err, err
 
 
 def test_compare_samplers_harness(trained_run, cache, tmp_path):
