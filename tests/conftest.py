@@ -59,8 +59,7 @@ def make_tiny_config():
 
 @pytest.fixture(scope="session")
 def mnist_autoencoder(tmp_path_factory):
-    """Workdir of configs/vae_mnist.py trained for 500 of its 2000 steps (slow tests: the autoencoder's PSNR and
-    the latent DiT on its latents share this one run)."""
+    """Workdir of configs/vae_mnist.py trained for 500 of its 2000 steps (slow: the autoencoder's PSNR test)."""
     from research.config import get_config
     from research.train.loop import train
 
