@@ -43,10 +43,21 @@ def load_run(workdir: str, step=None, use_ema: bool = True):
     return config, trainer.model, (state.ema_params if use_ema else state.params), step
 
 
+def _write_samples(args, name: str, images, labels, nfe: int, step: int) -> str:
+    """OUT/name.png (grid of up to 256) and OUT/name.npz (images, labels, nfe, step); -> OUT/name."""
+    from research.images import save_grid
+
+    out = args.out or os.path.join(args.workdir, "samples")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, name)
+    save_grid(images[:256], stem + ".png")
+    np.savez(stem + ".npz", images=images, labels=labels if labels is not None else np.zeros(0), nfe=nfe, step=step)
+    return stem
+
+
 def _sample_fewstep(args, config) -> int:
     """A few-step student: --steps k picks PD's k-step round checkpoint (default: the last round) or the number
     of consistency steps (default fewstep.sample_steps); sampled with the student's own sampler."""
-    from research.images import save_grid
     from research.sampling import to_uint8
     from research.train import fewstep
 
@@ -64,13 +75,9 @@ def _sample_fewstep(args, config) -> int:
     samples, nfe = fewstep.generate(sampler, params, args.num, batch, seed=args.seed,
                                     num_classes=int(run_config.model.get("num_classes", 0)))
     images = to_uint8(samples, run_config.data.centered)
-    out = args.out or os.path.join(args.workdir, "samples")
-    os.makedirs(out, exist_ok=True)
-    stem = f"samples_{f.method}_{steps}steps_seed{args.seed}"
-    save_grid(images[:256], os.path.join(out, stem + ".png"))
-    np.savez(os.path.join(out, stem + ".npz"), images=images, labels=np.zeros(0), nfe=nfe, step=step)
+    stem = _write_samples(args, f"samples_{f.method}_{steps}steps_seed{args.seed}", images, None, nfe, step)
     print(f"{args.num} samples from the {f.method} student (checkpoint {step}, {steps} steps, NFE={nfe}) in "
-          f"{time.time() - t0:.1f}s -> {os.path.join(out, stem)}.png/.npz")
+          f"{time.time() - t0:.1f}s -> {stem}.png/.npz")
     return 0
 
 
@@ -89,7 +96,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from research.config import ConfigError
-    from research.images import save_grid
     from research.sampling import Generator, to_uint8
     try:
         config, model, params, step = load_run(args.workdir, args.step, use_ema=not args.no_ema)
@@ -107,15 +113,11 @@ def main(argv=None) -> int:
     samples, labels, nfe = gen.generate(params, args.num, seed=args.seed)
     seconds = time.time() - t0
     images = to_uint8(samples, config.data.centered)
-    out = args.out or os.path.join(args.workdir, "samples")
-    os.makedirs(out, exist_ok=True)
     steps_name = str(args.steps if args.steps is not None else config.sample.steps).replace(",", "-")
-    stem = f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}_seed{args.seed}"
-    save_grid(images[:256], os.path.join(out, stem + ".png"))
-    np.savez(os.path.join(out, stem + ".npz"), images=images, labels=labels if labels is not None else np.zeros(0),
-             nfe=nfe, step=step)
+    stem = _write_samples(args, f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}_seed{args.seed}", images, labels,
+                          nfe, step)
     print(f"{args.num} samples from step {step} with {gen.sampler} ({gen.num_steps} steps, eta={gen.eta:g}, "
-          f"NFE={nfe}) in {seconds:.1f}s -> {os.path.join(out, stem)}.png/.npz")
+          f"NFE={nfe}) in {seconds:.1f}s -> {stem}.png/.npz")
     return 0
 
 

@@ -235,8 +235,8 @@ def make_student_sampler(config, model, steps: int, batch_size: int):
     cd/ct: multistep consistency sampling over `consistency_sample_sigmas(k)`.
     """
     schedule = schedule_from_config(config.diffusion)
-    d = config.data
-    shape = (batch_size, d.image_size, d.image_size, d.channels)
+    from research.latents import model_input_shape
+    shape = (batch_size, *model_input_shape(config))
     if config.fewstep.method == "pd":
         from research.diffusion.schedules import respace
         sched = respace(schedule, pd_lib.pd_timesteps(schedule.num_steps, int(steps)))
