@@ -33,6 +33,7 @@ setup(
             "pytest-xdist>=3.5,<4",
             "torch==2.13.0",
             "diffusers>=0.30,<0.43",
+            "ruff>=0.6,<0.18",
         ],
     },
 )

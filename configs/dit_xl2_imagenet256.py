@@ -1,8 +1,9 @@
 """DiT-XL/2 on ImageNet 256x256 latents (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
 
-Model (Sec. 3, Table 1): DiT-XL/2, depth 28, hidden 1152, 16 heads, patch 2, adaLN-Zero, 1000 classes with
-label dropout 0.1 for classifier-free guidance; 675M parameters and 118.6 Gflops (Table 4; the paper's
-Gflops count multiply-adds, `python -m research.summary` prints both conventions).
+Model (Sec. 3, Table 1): DiT-XL/2, depth 28, hidden 1152, 16 heads, patch 2, adaLN-Zero, 1000 classes plus a
+null label (labels dropped to it with probability 0.1 in training, for classifier-free guidance); 675M
+parameters and 118.6 Gflops (Table 4; the paper's Gflops count multiply-adds, `python -m research.summary`
+prints both conventions).
 Latent space (Sec. 3.1): images 256x256x3 -> 32x32x4 latents of a pretrained f8 KL autoencoder (the Stable
 Diffusion VAE, sd-vae-ft-ema / -mse), latents scaled by 0.18215; the network never sees pixels.
 Diffusion (Sec. 3.1, 4): T = 1000, linear betas 1e-4..0.02, learned covariance (learned_range, 2x4 output
@@ -20,7 +21,7 @@ Latent pipeline: config.data describes the 256x256 RGB images; latent.autoencode
 latents the DiT trains on; the training split is encoded once into a latent cache. AUTOENCODER_CHECKPOINT is
 where that workdir is expected. The paper's autoencoder, from a local diffusers copy of sd-vae-ft-ema:
 
-    python -m research.models.convert_vae --diffusers PATH/sd-vae-ft-ema --workdir runs/autoencoder_f8_imagenet256 \
+    python -m research.pretrained.convert_vae --diffusers PATH/sd-vae-ft-ema --workdir runs/autoencoder_f8_imagenet256 \
         --image-size 256 --data-name tfds --tfds-name imagenet2012        # scale 0.18215 from its config
 
 or train one with the autoencoder task at f8 (four ch_mult levels, z_channels 4), or set
@@ -54,7 +55,7 @@ def get_config() -> ConfigDict:
     c.latent.cache = False  # flips are applied to pixels and encoded every step (the cache holds unflipped images)
 
     with c.unlocked():
-        c.model = dit_model_config("DiT-XL/2", num_classes=1000, class_dropout=0.1)
+        c.model = dit_model_config("DiT-XL/2", num_classes=1000, null_label=True)
 
     c.diffusion.schedule = "linear"
     c.diffusion.timesteps = 1000
@@ -64,6 +65,7 @@ def get_config() -> ConfigDict:
     c.diffusion.var_type = "learned_range"
     c.diffusion.loss = "hybrid"
     c.diffusion.vlb_weight = 0.001
+    c.diffusion.cond_drop_prob = 0.1  # classifier-free guidance training (the paper: 10% null labels)
 
     c.optim.optimizer = "adamw"
     c.optim.lr = 1e-4

@@ -17,10 +17,16 @@ LOSSES = ("simple", "hybrid", "vlb")
 
 def get_config(variant: str = "cosine-hybrid"):
     parts = variant.split("-")
-    if len(parts) not in (2, 3) or parts[0] not in SCHEDULES or parts[1] not in LOSSES or (
-            len(parts) == 3 and (parts[2] != "fixedlarge" or parts[1] != "simple")):
-        raise ValueError(f"unknown variant {variant!r}: use <schedule>-<loss>[-fixedlarge] with schedule in "
-                         f"{SCHEDULES} and loss in {LOSSES}")
+    if (
+        len(parts) not in (2, 3)
+        or parts[0] not in SCHEDULES
+        or parts[1] not in LOSSES
+        or (len(parts) == 3 and (parts[2] != "fixedlarge" or parts[1] != "simple"))
+    ):
+        raise ValueError(
+            f"unknown variant {variant!r}: use <schedule>-<loss>[-fixedlarge] with schedule in "
+            f"{SCHEDULES} and loss in {LOSSES}"
+        )
     schedule, loss = parts[0], parts[1]
     c = base_config()
     c.data.name = "mnist"
@@ -39,8 +45,9 @@ def get_config(variant: str = "cosine-hybrid"):
     c.diffusion.schedule = schedule
     c.diffusion.timesteps = 1000
     c.diffusion.loss = loss
-    c.diffusion.var_type = "learned_range" if loss in ("hybrid", "vlb") else (
-        "fixed_large" if len(parts) == 3 else "fixed_small")
+    c.diffusion.var_type = (
+        "learned_range" if loss in ("hybrid", "vlb") else ("fixed_large" if len(parts) == 3 else "fixed_small")
+    )
     c.diffusion.t_sampling = "importance" if loss == "vlb" else "uniform"
 
     c.optim.lr = 1e-3

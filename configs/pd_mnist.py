@@ -13,7 +13,7 @@ the MNIST teacher predicts eps, whose x0 = (x_t - sigma eps) / alpha divides by 
 the last rounds there clip the teacher's x0 (fewstep.pd_clip_x0) and are limited by it: train a v teacher
 (--config.diffusion.prediction=v) for a faithful run. Override the teacher with --config.fewstep.teacher_workdir.
 Each round restarts Adam and a cosine learning-rate decay (the paper decays linearly to 0 within each round); the
-checkpoint at step (r + 1) * pd_steps_per_round holds the round's student (see research/train/fewstep.py).
+checkpoint at step (r + 1) * pd_steps_per_round holds the round's student (see research/tasks/fewstep.py).
 """
 
 import os

@@ -32,9 +32,22 @@ def get_config(variant: str = "base"):
     c.data.image_size = 28
     c.data.channels = 1
 
-    c.model = ml_collections.ConfigDict(dict(
-        name="vae", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, attn_resolutions=(), num_heads=1,
-        dropout=0.0, resamp_with_conv=True, norm_groups=8, norm_eps=1e-6, dtype="float32"))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="vae",
+            ch=16,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=1,
+            z_channels=4,
+            attn_resolutions=(),
+            num_heads=1,
+            dropout=0.0,
+            resamp_with_conv=True,
+            norm_groups=8,
+            norm_eps=1e-6,
+            dtype="float32",
+        )
+    )
 
     c.autoencoder.recon_loss = "l1"
     c.autoencoder.kl_weight = 1e-6

@@ -67,8 +67,9 @@ def load_raw(random_weights: bool) -> dict:
     rng = np.random.default_rng(0)
     raw = {}
     for name, s in inception.conv_specs().items():
-        raw[f"{name}/kernel"] = (rng.standard_normal((s.kh, s.kw, s.cin, s.cout)) *
-                                 np.sqrt(2 / (s.kh * s.kw * s.cin))).astype(np.float32)
+        raw[f"{name}/kernel"] = (
+            rng.standard_normal((s.kh, s.kw, s.cin, s.cout)) * np.sqrt(2 / (s.kh * s.kw * s.cin))
+        ).astype(np.float32)
         raw[f"{name}/beta"] = np.zeros(s.cout, np.float32)
         raw[f"{name}/mean"] = np.zeros(s.cout, np.float32)
         raw[f"{name}/var"] = np.ones(s.cout, np.float32)
@@ -76,6 +77,7 @@ def load_raw(random_weights: bool) -> dict:
 
 
 # --- workers: one process per variant, one JSON line per request -----------------------------------
+
 
 def _serve(handlers: dict, ready: dict) -> None:
     print(json.dumps(ready), flush=True)
@@ -92,8 +94,13 @@ def jax_worker(args) -> None:
 
     params = inception.fold_batch_norm(load_raw(args.random_weights))
     # The extractor users call: device transfer, padding, compiled preprocess + network, float64 features back.
-    extractor = inception.InceptionFeatures(params, batch_size=args.batch, fuse=args.variant != "ours-unfused",
-                                            devices=jax.devices()[:1], weights_tag="benchmark")
+    extractor = inception.InceptionFeatures(
+        params,
+        batch_size=args.batch,
+        fuse=args.variant != "ours-unfused",
+        devices=jax.devices()[:1],
+        weights_tag="benchmark",
+    )
     images = {case: make_images(case, args.batch) for case in CASES}
     handlers, compile_s = {}, {}
     for case, x in images.items():
@@ -101,8 +108,9 @@ def jax_worker(args) -> None:
         t0 = time.perf_counter()
         handlers[case]()  # first call compiles
         compile_s[case] = time.perf_counter() - t0
-    _serve(handlers, {"compile_s": compile_s, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                      "devices": len(jax.devices())})
+    _serve(
+        handlers, {"compile_s": compile_s, "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": len(jax.devices())}
+    )
 
 
 def torch_worker(args) -> None:
@@ -119,8 +127,9 @@ def torch_worker(args) -> None:
     inception_module, _ = import_pytorch_fid()
     template = inception_module._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
     arrays = convert_inception.pytorch_fid_from_raw(load_raw(args.random_weights))
-    state_dict = {k: torch.from_numpy(np.array(arrays[k])) if k in arrays else torch.zeros_like(v)
-                  for k, v in template.items()}
+    state_dict = {
+        k: torch.from_numpy(np.array(arrays[k])) if k in arrays else torch.zeros_like(v) for k, v in template.items()
+    }
     inception_module.load_state_dict_from_url = lambda *a, **k: state_dict
     net = inception_module.InceptionV3([3], resize_input=True, normalize_input=True).eval()
     images = {case: make_images(case, args.batch) for case in CASES}
@@ -141,10 +150,20 @@ def torch_worker(args) -> None:
 
 # --- parent ---------------------------------------------------------------------------------------
 
+
 class Worker:
     def __init__(self, variant: str, args, env: dict):
-        cmd = [sys.executable, "-m", "experiments.benchmark_inception", "--worker", variant,
-               "--batch", str(args.batch), "--torch-threads", str(args.torch_threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.benchmark_inception",
+            "--worker",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--torch-threads",
+            str(args.torch_threads),
+        ]
         if args.random_weights:
             cmd.append("--random-weights")
         self.variant = variant
@@ -179,15 +198,20 @@ def run(args) -> dict:
     order = list(workers)
     for rep in range(args.reps):
         for case in args.cases:
-            for v in (order if rep % 2 == 0 else order[::-1]):
+            for v in order if rep % 2 == 0 else order[::-1]:
                 times[(v, case)].append(workers[v].time(case))
-        print(f"  rep {rep + 1}/{args.reps}: " + ", ".join(f"{v} {c} {t[-1][0]:.2f}s" for (v, c), t in times.items()),
-              file=sys.stderr, flush=True)
+        print(
+            f"  rep {rep + 1}/{args.reps}: " + ", ".join(f"{v} {c} {t[-1][0]:.2f}s" for (v, c), t in times.items()),
+            file=sys.stderr,
+            flush=True,
+        )
     for w in workers.values():
         w.close()
-    return {"med": {k: statistics.median(t[0] for t in ts) for k, ts in times.items()},
-            "cpu": {k: statistics.median(t[1] for t in ts) for k, ts in times.items()},
-            "info": {v: w.info for v, w in workers.items()}}
+    return {
+        "med": {k: statistics.median(t[0] for t in ts) for k, ts in times.items()},
+        "cpu": {k: statistics.median(t[1] for t in ts) for k, ts in times.items()},
+        "info": {v: w.info for v, w in workers.items()},
+    }
 
 
 def format_table(result: dict, args) -> str:
@@ -209,9 +233,11 @@ def format_table(result: dict, args) -> str:
             row += [f"{cpu[('torch', case)] / cpu[(v, case)]:.2f}" for v in ours]
         lines.append("| " + " | ".join(row) + " |")
     load = os.getloadavg()
-    notes = [f"medians of {args.reps} alternating reps; ratio = torch time / ours (> 1: we are faster); CPU = "
-             "process CPU time over all threads, less sensitive to other load than wall time; "
-             f"{os.cpu_count()} CPUs, load avg {load[0]:.1f}/{load[1]:.1f}; XLA_FLAGS={args.xla_flags!r}"]
+    notes = [
+        f"medians of {args.reps} alternating reps; ratio = torch time / ours (> 1: we are faster); CPU = "
+        "process CPU time over all threads, less sensitive to other load than wall time; "
+        f"{os.cpu_count()} CPUs, load avg {load[0]:.1f}/{load[1]:.1f}; XLA_FLAGS={args.xla_flags!r}"
+    ]
     if "torch" in info:
         notes.append(f"torch threads {info['torch']['threads']}")
     for v in ours:
@@ -228,8 +254,11 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="1 rep and batch 4: a smoke test, not a measurement")
     p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     p.add_argument("--xla-flags", default="", help="XLA_FLAGS of our workers (default: none)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights instead of the converted FID weights (same speed, no conversion needed)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights instead of the converted FID weights (same speed, no conversion needed)",
+    )
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

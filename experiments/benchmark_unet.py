@@ -35,28 +35,39 @@ import time
 # XLA's default CPU pipeline hands convolutions to YNNPACK, whose weight-gradient convolutions run
 # 2-3x slower than XLA's own (Eigen) ones on this CPU; keeping YNNPACK for dots and reductions only
 # sped up the train step ~15-25%. Must be in XLA_FLAGS before jax initialises its CPU backend.
-RECOMMENDED_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type="
-                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
+RECOMMENDED_XLA_FLAGS = (
+    "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+)
 
 MODELS = {
     # name: (image size, channels, our UNet kwargs, diffusers UNet2DModel kwargs)
-    "small": (28, 1,
-              dict(out_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,),
-                   dropout=0.1),
-              dict(block_out_channels=(64, 128, 128),
-                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))),
-    "cifar": (32, 3,
-              dict(out_channels=3),
-              dict(block_out_channels=(128, 256, 256, 256),
-                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))),
+    "small": (
+        28,
+        1,
+        dict(out_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,), dropout=0.1),
+        dict(
+            block_out_channels=(64, 128, 128),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        ),
+    ),
+    "cifar": (
+        32,
+        3,
+        dict(out_channels=3),
+        dict(
+            block_out_channels=(128, 256, 256, 256),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        ),
+    ),
 }
 DEFAULT_BATCH = {"small": (64, 64), "cifar": (16, 16)}  # (train, sample)
 QUICK_BATCH = (4, 4)
 
 
 # --- workers: one process per framework, one JSON line per request ---------------------------------
+
 
 def _serve(handlers: dict, ready: dict) -> None:
     print(json.dumps(ready), flush=True)
@@ -94,12 +105,14 @@ def jax_worker(args) -> None:
         loss, g = jax.value_and_grad(loss_fn)(p, x, t, sub)
         updates, o = opt.update(g, o, p)
         return optax.apply_updates(p, updates), o, key, loss
+
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
 
     schedule = respace(make_schedule("linear", 1000), space_timesteps(1000, "ddim50"))
     shape = (sb, size, size, channels)
-    sampler = jax.jit(lambda p, key: ddim_sample(lambda xt, tt, c: model.apply({"params": p}, xt, tt),
-                                                 schedule, key, shape).samples)
+    sampler = jax.jit(
+        lambda p, key: ddim_sample(lambda xt, tt, c: model.apply({"params": p}, xt, tt), schedule, key, shape).samples
+    )
 
     def train():
         p, o, k, loss = train_step(state["params"], state["opt"], state["key"], x, t)
@@ -115,8 +128,10 @@ def jax_worker(args) -> None:
         fn()  # first call compiles
         compile_s[name] = time.perf_counter() - t0
     n = sum(v.size for v in jax.tree_util.tree_leaves(state["params"]))
-    _serve({"train": train, "sample": sample},
-           {"params": int(n), "compile_s": compile_s, "xla_flags": os.environ.get("XLA_FLAGS", "")})
+    _serve(
+        {"train": train, "sample": sample},
+        {"params": int(n), "compile_s": compile_s, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+    )
 
 
 def torch_worker(args) -> None:
@@ -126,9 +141,19 @@ def torch_worker(args) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     size, channels, _, theirs = MODELS[args.model]
-    model = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=2,
-                        freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6, attention_head_dim=None,
-                        dropout=0.1, downsample_padding=0, **theirs)
+    model = UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=2,
+        freq_shift=1,
+        flip_sin_to_cos=False,
+        norm_eps=1e-6,
+        attention_head_dim=None,
+        dropout=0.1,
+        downsample_padding=0,
+        **theirs,
+    )
     tb, sb = args.train_batch, args.sample_batch
     torch.manual_seed(0)
     x = torch.randn(tb, channels, size, size)
@@ -154,17 +179,31 @@ def torch_worker(args) -> None:
 
     for fn in (train, sample):
         fn()  # warm-up: allocator and oneDNN primitive caches
-    _serve({"train": train, "sample": sample},
-           {"params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()})
+    _serve(
+        {"train": train, "sample": sample},
+        {"params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()},
+    )
 
 
 # --- parent ---------------------------------------------------------------------------------------
 
+
 class Worker:
     def __init__(self, framework: str, args, model: str, env: dict):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--model", model,
-               "--train-batch", str(args.train_batch), "--sample-batch", str(args.sample_batch),
-               "--torch-threads", str(args.torch_threads)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            framework,
+            "--model",
+            model,
+            "--train-batch",
+            str(args.train_batch),
+            "--sample-batch",
+            str(args.sample_batch),
+            "--torch-threads",
+            str(args.torch_threads),
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
 
@@ -190,27 +229,40 @@ def bench_model(name: str, args) -> dict:
     # Start one at a time so our compile time is not inflated by torch's start-up.
     workers = {"ours": Worker("jax", args, name, env), "torch": Worker("torch", args, name, env)}
     if workers["ours"].info["params"] != workers["torch"].info["params"]:
-        print(f"warning: parameter counts differ: {workers['ours'].info['params']} vs "
-              f"{workers['torch'].info['params']}", file=sys.stderr)
+        print(
+            f"warning: parameter counts differ: {workers['ours'].info['params']} vs {workers['torch'].info['params']}",
+            file=sys.stderr,
+        )
     times = {(w, what): [] for w in workers for what in ("train", "sample")}
     order = list(workers)
     for rep in range(args.reps):
         for what in ("train", "sample"):
-            for w in (order if rep % 2 == 0 else order[::-1]):
+            for w in order if rep % 2 == 0 else order[::-1]:
                 times[(w, what)].append(workers[w].time(what))
-        print(f"  {name} rep {rep + 1}/{args.reps}: " + ", ".join(
-            f"{w} {what} {v[-1]:.2f}s" for (w, what), v in times.items()), file=sys.stderr, flush=True)
+        print(
+            f"  {name} rep {rep + 1}/{args.reps}: "
+            + ", ".join(f"{w} {what} {v[-1]:.2f}s" for (w, what), v in times.items()),
+            file=sys.stderr,
+            flush=True,
+        )
     for w in workers.values():
         w.close()
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "params": workers["ours"].info["params"], "med": med,
-            "compile": workers["ours"].info["compile_s"], "torch_threads": workers["torch"].info["threads"]}
+    return {
+        "model": name,
+        "params": workers["ours"].info["params"],
+        "med": med,
+        "compile": workers["ours"].info["compile_s"],
+        "torch_threads": workers["torch"].info["threads"],
+    }
 
 
 def format_table(results, args) -> str:
-    lines = ["| model | params | train batch | ours step/s | torch step/s | train ratio | sample batch "
-             "| ours ddim50 s | torch ddim50 s | ddim ratio | our compile s (train / sample) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | params | train batch | ours step/s | torch step/s | train ratio | sample batch "
+        "| ours ddim50 s | torch ddim50 s | ddim ratio | our compile s (train / sample) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         m = r["med"]
         lines.append(
@@ -219,12 +271,15 @@ def format_table(results, args) -> str:
             f"| {m[('torch', 'train')] / m[('ours', 'train')]:.2f} | {args.sample_batch_of(r['model'])} "
             f"| {m[('ours', 'sample')]:.2f} | {m[('torch', 'sample')]:.2f} "
             f"| {m[('torch', 'sample')] / m[('ours', 'sample')]:.2f} "
-            f"| {r['compile']['train']:.0f} / {r['compile']['sample']:.0f} |")
+            f"| {r['compile']['train']:.0f} / {r['compile']['sample']:.0f} |"
+        )
     load = os.getloadavg()
     lines.append("")
-    lines.append(f"medians of {args.reps} alternating reps; ratio = torch time / ours (>1: we are faster); "
-                 f"{os.cpu_count()} CPUs, torch threads {results[0]['torch_threads'] if results else '?'}, "
-                 f"load avg {load[0]:.1f}/{load[1]:.1f}; XLA_FLAGS={args.xla_flags!r}")
+    lines.append(
+        f"medians of {args.reps} alternating reps; ratio = torch time / ours (>1: we are faster); "
+        f"{os.cpu_count()} CPUs, torch threads {results[0]['torch_threads'] if results else '?'}, "
+        f"load avg {load[0]:.1f}/{load[1]:.1f}; XLA_FLAGS={args.xla_flags!r}"
+    )
     return "\n".join(lines)
 
 

@@ -24,35 +24,45 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 
-from research.config import apply_overrides, get_config
-from research.train import mesh as mesh_lib
-from research.train.loop import build_trainer, model_from_config
+from research.config import apply_overrides
 from research.sampling import schedule_from_config
-from research.train.step import make_loss_fn
+from research.shapes import build_network
+from research.tasks import get_config
+from research.tasks.diffusion import make_loss_fn
+from research.train import mesh as mesh_lib
+from research.train.loop import build_trainer
 
 CONFIG = "configs/dit_xl2_imagenet256.py"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def _config(variant: str, batch: int, remat: bool, dtype: str):
-    return apply_overrides(get_config(CONFIG), [("model.variant", variant), ("model.remat", str(remat)),
-                                                ("model.dtype", dtype), ("train.batch_size", str(batch))])
+    return apply_overrides(
+        get_config(CONFIG),
+        [
+            ("model.variant", variant),
+            ("model.remat", str(remat)),
+            ("model.dtype", dtype),
+            ("train.batch_size", str(batch)),
+        ],
+    )
 
 
 def _abstract_batch(config, batch: int, sharding=None) -> dict:
     d = config.data
-    return {"image": jax.ShapeDtypeStruct((batch, d.image_size, d.image_size, d.channels), jnp.float32,
-                                          sharding=sharding),
-            "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
+    return {
+        "image": jax.ShapeDtypeStruct((batch, d.image_size, d.image_size, d.channels), jnp.float32, sharding=sharding),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding),
+    }
 
 
 def saved_activation_bytes(variant: str, batch: int, remat: bool, dtype: str) -> int:
     """Bytes of the residuals jax.vjp keeps from the forward pass of the training loss for the backward
     pass, not counting its arguments (parameters and batch), each residual counted once."""
     config = _config(variant, batch, remat, dtype)
-    model = model_from_config(config)
-    loss_fn = make_loss_fn(model, schedule_from_config(config.diffusion), config.diffusion, conditional=True)
-    trainer_params = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1])).abstract_state.params
+    model = build_network(config)
+    loss_fn = make_loss_fn(model, schedule_from_config(config.diffusion), config)
+    trainer_params = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1])).abstract_state.params["net"]
 
     def loss(params, batch_):
         return loss_fn(params, batch_, jax.random.PRNGKey(0), None)[0]
@@ -73,10 +83,16 @@ def step_memory(variant: str, batch: int, remat: bool, dtype: str) -> dict:
     seconds = time.time() - start
     m = compiled.memory_analysis()
     state = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trainer.abstract_state))
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-    return {"state": state, "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-            "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "peak": peak, "compile_s": seconds}
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return {
+        "state": state,
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "temp": m.temp_size_in_bytes,
+        "peak": peak,
+        "compile_s": seconds,
+    }
 
 
 def main(argv=None) -> None:
@@ -85,15 +101,20 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
-    print(f"{args.variant}, batch {args.batch}, compute {args.dtype}, backend {jax.default_backend()} "
-          f"({jax.devices()[0].device_kind})")
+    print(
+        f"{args.variant}, batch {args.batch}, compute {args.dtype}, backend {jax.default_backend()} "
+        f"({jax.devices()[0].device_kind})"
+    )
     print("| remat | state GiB | saved activations GiB | compiled temp GiB | compiled peak GiB | compile s |")
     print("|---|---:|---:|---:|---:|---:|")
     for remat in (False, True):
         saved = saved_activation_bytes(args.variant, args.batch, remat, args.dtype)
         r = step_memory(args.variant, args.batch, remat, args.dtype)
-        print(f"| {remat} | {r['state'] / GIB:.2f} | {saved / GIB:.2f} | {r['temp'] / GIB:.2f} "
-              f"| {r['peak'] / GIB:.2f} | {r['compile_s']:.0f} |", flush=True)
+        print(
+            f"| {remat} | {r['state'] / GIB:.2f} | {saved / GIB:.2f} | {r['temp'] / GIB:.2f} "
+            f"| {r['peak'] / GIB:.2f} | {r['compile_s']:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ training split with the same number of images). Writes OUT/fewstep_table.{md,csv
 
 Each student samples with its own sampler: PD students with DDIM on the trailing grid they were distilled on (the
 checkpoint of the round that produced a k-step student), consistency models with multistep consistency sampling on
-the first k points of the (k+1)-point EDM grid. The teacher uses DDIM (eta 0) twice: on the repo's evenly spaced grid (whose
-first step at k <= 2 is far from the noisiest timestep, so it starts from the wrong noise level) and on the trailing
-grid pd_timesteps(T, k), which starts at T-1 and is the grid PD students use.
+the first k points of the (k+1)-point EDM grid. The teacher uses DDIM (eta 0) twice: on the repo's evenly spaced
+grid (whose first step at k <= 2 is far from the noisiest timestep, so it starts from the wrong noise level) and
+on the trailing grid pd_timesteps(T, k), which starts at T-1 and is the grid PD students use.
 """
 
 from __future__ import annotations
@@ -28,23 +28,29 @@ import os
 import sys
 import time
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # Updates for --quick on two CPU cores: PD 4 rounds of 150 (16 -> 1 steps), CD 600, CT 800.
 QUICK_STEPS = {"pd": 150, "cd": 600, "ct": 800}
-QUICK_CONFIGS = {"pd": "configs/pd_mnist.py:digits", "cd": "configs/cd_mnist.py:digits",
-                 "ct": "configs/ct_mnist.py:digits"}
+QUICK_CONFIGS = {
+    "pd": "configs/pd_mnist.py:digits",
+    "cd": "configs/cd_mnist.py:digits",
+    "ct": "configs/ct_mnist.py:digits",
+}
 
 
 def quick_config(method: str, teacher: str):
-    from research.config import get_config
+    from research.tasks import get_config
 
     overrides = [("fewstep.teacher_workdir", teacher)] if method != "ct" else []
     n = QUICK_STEPS[method]
     if method == "pd":
-        overrides += [("fewstep.pd_steps_per_round", str(n)), ("train.num_steps", str(4 * n)),
-                      ("train.ckpt_every", str(n)), ("train.sample_every", str(n))]
+        overrides += [
+            ("fewstep.pd_steps_per_round", str(n)),
+            ("train.num_steps", str(4 * n)),
+            ("train.ckpt_every", str(n)),
+            ("train.sample_every", str(n)),
+        ]
     else:
         overrides += [("train.num_steps", str(n)), ("train.ckpt_every", str(n)), ("train.sample_every", str(n))]
     overrides += [("train.progress", "false"), ("train.log_every", "50")]
@@ -74,11 +80,12 @@ def train_quick(out: str, teacher: str) -> dict:
 def train_quick_teacher(teacher: str) -> None:
     """The v-parameterised quickstart (configs/quickstart.py with diffusion.prediction=v), about 6 minutes on
     two CPU cores; the students of --quick distil it."""
-    from research.config import get_config
+    from research.tasks import get_config
     from research.train.loop import train
 
-    config = get_config(os.path.join(ROOT, "configs", "quickstart.py"),
-                        [("diffusion.prediction", "v"), ("train.progress", "false")])
+    config = get_config(
+        os.path.join(ROOT, "configs", "quickstart.py"), [("diffusion.prediction", "v"), ("train.progress", "false")]
+    )
     t0 = time.time()
     train(config, teacher)
     print(f"trained the v teacher in {time.time() - t0:.0f}s -> {teacher}", flush=True)
@@ -98,7 +105,7 @@ def teacher_cell(workdir, steps, num, seed, batch_size, trailing=False):
     """The teacher's DDIM (eta 0) with `steps` evenly spaced timesteps (the repo's default), or on the trailing grid
     pd_timesteps(T, steps) that ends at the noisiest step T-1 (the grid a PD student samples on)."""
     from research.diffusion.distillation import pd_timesteps
-    from research.sample import load_run
+    from research.loader import load_run
     from research.sampling import Generator, to_uint8
 
     config, model, params, _ = load_run(workdir)
@@ -111,12 +118,13 @@ def teacher_cell(workdir, steps, num, seed, batch_size, trailing=False):
 
 def student_cell(workdir, steps, num, seed, batch_size):
     from research.sampling import to_uint8
-    from research.train.fewstep import generate, load_student, make_student_sampler
+    from research.tasks.fewstep import generate, load_student, make_student_sampler
 
     config, model, params, ckpt_step = load_student(workdir, steps)
     sampler = make_student_sampler(config, model, steps, min(batch_size, num))
-    samples, nfe = generate(sampler, params, num, min(batch_size, num), seed=seed,
-                            num_classes=config.model.get("num_classes", 0))
+    samples, _, nfe = generate(
+        sampler, params, num, min(batch_size, num), seed=seed, num_classes=config.model.get("num_classes", 0)
+    )
     return to_uint8(samples, config.data.centered), nfe, ckpt_step
 
 
@@ -129,15 +137,19 @@ def write_outputs(rows, floor, protocol, out):
             w.writerow({k: r.get(k, "") for k in fields})
     lines = ["| model | sampler | steps | NFE | checkpoint | FID (domain) |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r.get('checkpoint_step', '')} "
-                     f"| {r['fid_domain']:.3f} |")
+        lines.append(
+            f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r.get('checkpoint_step', '')} "
+            f"| {r['fid_domain']:.3f} |"
+        )
     lines.append(f"| floor (real test vs train) | | | | | {floor:.3f} |")
     with open(os.path.join(out, "fewstep_table.md"), "w") as f:
         f.write("\n".join(["# Few-step generation", ""] + protocol + [""] + lines) + "\n")
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in dict.fromkeys(r["model"] for r in rows):
         pts = [(r["nfe"], r["fid_domain"]) for r in rows if r["model"] == model and r.get("curve", True)]
@@ -196,8 +208,9 @@ def main(argv=None) -> int:
         print("error: give --teacher (or a --pd run, whose teacher is used)", file=sys.stderr)
         return 2
     seconds_path = os.path.join(out, "train_seconds.json")
-    train_seconds = (sum(json.load(open(seconds_path)).values()) if os.path.isfile(seconds_path)
-                     else time.time() - t_start)
+    train_seconds = (
+        sum(json.load(open(seconds_path)).values()) if os.path.isfile(seconds_path) else time.time() - t_start
+    )
     try:
         with open(os.path.join(teacher, "config.json")) as f:
             dataset = json.load(f)["data"]["name"]
@@ -209,8 +222,10 @@ def main(argv=None) -> int:
     kw = dict(kid=False, precision_recall=False, progress=False)
     floor_images, _ = dataset_images(DatasetSpec(dataset, "test"))
     floor_images = floor_images[:num]
-    floor = cached(os.path.join(out, "cells", f"floor_{dataset}_n{len(floor_images)}.json"),
-                   lambda: evaluate_images(floor_images, space, ref, **kw))["fid"]
+    floor = cached(
+        os.path.join(out, "cells", f"floor_{dataset}_n{len(floor_images)}.json"),
+        lambda: evaluate_images(floor_images, space, ref, **kw),
+    )["fid"]
     print(f"floor: {floor:.3f}", flush=True)
 
     rows = []
@@ -221,36 +236,73 @@ def main(argv=None) -> int:
             images, nfe, *ckpt = make()
             res = evaluate_images(images, space, ref, **kw)
             return {"fid": res["fid"], "nfe": nfe, "ckpt": ckpt[0] if ckpt else "", "seconds": time.time() - t0}
+
         res = cached(os.path.join(out, "cells", f"{name}_n{num}_seed{args.seed}.json"), compute)
-        rows.append({"model": model, "sampler": sampler, "steps": k, "nfe": res["nfe"], "fid_domain": res["fid"],
-                     "checkpoint_step": res["ckpt"], "sample_seconds": round(res["seconds"], 1), "curve": curve})
+        rows.append(
+            {
+                "model": model,
+                "sampler": sampler,
+                "steps": k,
+                "nfe": res["nfe"],
+                "fid_domain": res["fid"],
+                "checkpoint_step": res["ckpt"],
+                "sample_seconds": round(res["seconds"], 1),
+                "curve": curve,
+            }
+        )
         print(f"{model} {k} steps: NFE {res['nfe']}, FID {res['fid']:.3f}", flush=True)
 
     for k in steps:
-        add("teacher", "DDIM (eta 0), even grid", k, f"teacher_ddim{k}",
-            lambda k=k: teacher_cell(teacher, k, num, args.seed, args.batch_size))
+        add(
+            "teacher",
+            "DDIM (eta 0), even grid",
+            k,
+            f"teacher_ddim{k}",
+            lambda k=k: teacher_cell(teacher, k, num, args.seed, args.batch_size),
+        )
     for k in steps:
-        add("teacher (trailing grid)", "DDIM (eta 0), trailing grid", k, f"teacher_ddim_trailing{k}",
-            lambda k=k: teacher_cell(teacher, k, num, args.seed, args.batch_size, trailing=True))
-    add("teacher", "DDIM (eta 0), even grid", args.teacher_steps, f"teacher_ddim{args.teacher_steps}",
-        lambda: teacher_cell(teacher, args.teacher_steps, num, args.seed, args.batch_size), curve=False)
-    names = {"pd": ("PD student", "DDIM on its grid"), "cd": ("CD student", "consistency"),
-             "ct": ("CT student", "consistency")}
+        add(
+            "teacher (trailing grid)",
+            "DDIM (eta 0), trailing grid",
+            k,
+            f"teacher_ddim_trailing{k}",
+            lambda k=k: teacher_cell(teacher, k, num, args.seed, args.batch_size, trailing=True),
+        )
+    add(
+        "teacher",
+        "DDIM (eta 0), even grid",
+        args.teacher_steps,
+        f"teacher_ddim{args.teacher_steps}",
+        lambda: teacher_cell(teacher, args.teacher_steps, num, args.seed, args.batch_size),
+        curve=False,
+    )
+    names = {
+        "pd": ("PD student", "DDIM on its grid"),
+        "cd": ("CD student", "consistency"),
+        "ct": ("CT student", "consistency"),
+    }
     for method, workdir in runs.items():
         for k in steps:
-            add(names[method][0], names[method][1], k, f"{method}_{k}",
-                lambda k=k, w=workdir: student_cell(w, k, num, args.seed, args.batch_size))
+            add(
+                names[method][0],
+                names[method][1],
+                k,
+                f"{method}_{k}",
+                lambda k=k, w=workdir: student_cell(w, k, num, args.seed, args.batch_size),
+            )
 
     budget = []
     for method, workdir in runs.items():
         with open(os.path.join(workdir, "config.json")) as f:
             c = json.load(f)
         budget.append(f"{method}: {c['train']['num_steps']} updates at batch {c['train']['batch_size']}")
-    protocol = [f"Teacher: {teacher}. Students: " + ", ".join(f"{m} {w}" for m, w in runs.items()) + ".",
-                f"Budget: " + "; ".join(budget) + (f"; training took {train_seconds:.0f}s." if args.quick else "."),
-                f"FID in the {dataset} domain classifier's feature space ({space.description}), {num} samples "
-                f"(seed {args.seed}) against the {dataset} training split; floor = {len(floor_images)} real test "
-                f"images against the same reference. Total time {time.time() - t_start:.0f}s."]
+    protocol = [
+        f"Teacher: {teacher}. Students: " + ", ".join(f"{m} {w}" for m, w in runs.items()) + ".",
+        "Budget: " + "; ".join(budget) + (f"; training took {train_seconds:.0f}s." if args.quick else "."),
+        f"FID in the {dataset} domain classifier's feature space ({space.description}), {num} samples "
+        f"(seed {args.seed}) against the {dataset} training split; floor = {len(floor_images)} real test "
+        f"images against the same reference. Total time {time.time() - t_start:.0f}s.",
+    ]
     png = write_outputs(rows, floor, protocol, out)
     print(open(os.path.join(out, "fewstep_table.md")).read())
     print(f"wrote {out}/fewstep_table.md, .csv and {png}")

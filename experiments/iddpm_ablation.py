@@ -11,7 +11,8 @@ Each run and each evaluation is cached in OUT, so an interrupted run picks up wh
 
 Default budget: 400 steps x 64 images per variant (under half an MNIST epoch), bits/dim on 16 test images;
 on 2 CPU cores this takes about 35 minutes. Raise --steps and --eval-num for a result that separates the
-variants beyond their error bars. --quick: 60 steps, 8 images, eval at 25,100 steps (minutes; a smoke test, not a result).
+variants beyond their error bars. --quick: 60 steps, 8 images, eval at 25,100 steps (minutes; a smoke test,
+not a result).
 FID joins the table when the evaluation issue's metrics land.
 """
 
@@ -29,16 +30,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_variant(variant, out, train_steps, eval_steps, eval_num, progress=True):
-    from research.config import get_config
     from research.data import make_eval_arrays
     from research.evaluate import evaluate_bpd
-    from research.sample import load_run
+    from research.loader import load_run
+    from research.tasks import get_config
     from research.train.loop import train
 
     workdir = os.path.join(out, variant)
-    config = get_config(os.path.join(ROOT, "configs/iddpm_mnist.py") + ":" + variant,
-                        [("train.num_steps", str(train_steps)), ("train.ckpt_every", str(train_steps)),
-                         ("train.progress", str(progress))])
+    config = get_config(
+        os.path.join(ROOT, "configs/iddpm_mnist.py") + ":" + variant,
+        [
+            ("train.num_steps", str(train_steps)),
+            ("train.ckpt_every", str(train_steps)),
+            ("train.progress", str(progress)),
+        ],
+    )
     timing_path = os.path.join(workdir, "train_seconds.json")
     if not os.path.exists(timing_path):
         t0 = time.time()
@@ -58,10 +64,21 @@ def run_variant(variant, out, train_steps, eval_steps, eval_num, progress=True):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             json.dump(result, open(path, "w"))
         result = json.load(open(path))
-        rows.append({"variant": variant, "schedule": variant.split("-")[0], "loss": variant.split("-")[1],
-                     "variance": config.diffusion.var_type, "train_steps": train_steps, "eval_steps": steps,
-                     "bpd": result["bpd"], "bpd_stderr": result["bpd_stderr"], "eval_images": eval_num,
-                     "train_seconds": round(train_seconds, 1), "eval_seconds": round(result["seconds"], 1)})
+        rows.append(
+            {
+                "variant": variant,
+                "schedule": variant.split("-")[0],
+                "loss": variant.split("-")[1],
+                "variance": config.diffusion.var_type,
+                "train_steps": train_steps,
+                "eval_steps": steps,
+                "bpd": result["bpd"],
+                "bpd_stderr": result["bpd_stderr"],
+                "eval_images": eval_num,
+                "train_seconds": round(train_seconds, 1),
+                "eval_seconds": round(result["seconds"], 1),
+            }
+        )
     return rows
 
 
@@ -70,26 +87,40 @@ def write_outputs(rows, out, eval_steps, wall):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"bits/dim (lower is better) on {rows[0]['eval_images']} MNIST test images, EMA weights, "
-             f"{rows[0]['train_steps']} training steps x 64 per variant; total wall time {wall / 60:.1f} min",
-             "", "| variant | variance | " + " | ".join(f"{s} steps" for s in eval_steps) + " | train s |",
-             "|---|---|" + "---|" * len(eval_steps) + "---|"]
+    lines = [
+        f"bits/dim (lower is better) on {rows[0]['eval_images']} MNIST test images, EMA weights, "
+        f"{rows[0]['train_steps']} training steps x 64 per variant; total wall time {wall / 60:.1f} min",
+        "",
+        "| variant | variance | " + " | ".join(f"{s} steps" for s in eval_steps) + " | train s |",
+        "|---|---|" + "---|" * len(eval_steps) + "---|",
+    ]
     for v in VARIANTS:
         vr = [r for r in rows if r["variant"] == v]
         if vr:
-            lines.append(f"| {v} | {vr[0]['variance']} | " + " | ".join(
-                f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f}" for r in vr) + f" | {vr[0]['train_seconds']:.0f} |")
+            lines.append(
+                f"| {v} | {vr[0]['variance']} | "
+                + " | ".join(f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f}" for r in vr)
+                + f" | {vr[0]['train_seconds']:.0f} |"
+            )
     table = "\n".join(lines)
     open(os.path.join(out, "ablation.md"), "w").write(table + "\n")
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for v in VARIANTS:
         vr = [r for r in rows if r["variant"] == v]
         if vr:
-            ax.errorbar([r["eval_steps"] for r in vr], [r["bpd"] for r in vr], [r["bpd_stderr"] for r in vr],
-                        marker="o", label=v, capsize=3)
+            ax.errorbar(
+                [r["eval_steps"] for r in vr],
+                [r["bpd"] for r in vr],
+                [r["bpd_stderr"] for r in vr],
+                marker="o",
+                label=v,
+                capsize=3,
+            )
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("sampling steps (respaced)"), ax.set_ylabel("bits/dim (variational bound)")
     ax.set_title("iDDPM ablation, MNIST"), ax.legend(), ax.grid(alpha=0.3, which="both")

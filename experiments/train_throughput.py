@@ -19,10 +19,14 @@ import time
 # Dense peak TFLOP/s per device, from the vendors' data sheets (no sparsity). fp32 on NVIDIA uses TF32 matmuls,
 # which is what XLA does for float32 dots at default precision.
 PEAK_TFLOPS = {
-    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 494.0,
-    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 494.0,
-    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 156.0,
-    ("TPU v4", "bfloat16"): 275.0, ("TPU v5p", "bfloat16"): 459.0,
+    ("H100", "bfloat16"): 989.0,
+    ("H100", "float32"): 494.0,
+    ("H200", "bfloat16"): 989.0,
+    ("H200", "float32"): 494.0,
+    ("A100", "bfloat16"): 312.0,
+    ("A100", "float32"): 156.0,
+    ("TPU v4", "bfloat16"): 275.0,
+    ("TPU v5p", "bfloat16"): 459.0,
 }
 
 
@@ -35,7 +39,9 @@ def peak_for(device_kind: str, dtype: str):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from research.config import ConfigError, get_config, parse_config_args
+    from research.config import ConfigError, parse_config_args
+    from research.tasks import get_config
+
     path, overrides, rest = parse_config_args(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
@@ -58,16 +64,24 @@ def main(argv=None) -> int:
         return 2
 
     import jax
+
     from research.data import make_train_iterator
     from research.train import mesh as mesh_lib
     from research.train.loop import build_trainer
 
     trainer = build_trainer(config)
     batch_size = config.train.batch_size
-    it = make_train_iterator(config.data, global_batch_size=batch_size, seed=0,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-    batches = [mesh_lib.global_batch({"image": b["image"]}, trainer.batch_sharding) for b in
-               (next(it) for _ in range(2))]
+    it = make_train_iterator(
+        config.data,
+        global_batch_size=batch_size,
+        seed=0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batches = [
+        mesh_lib.global_batch({"image": b["image"], "label": b["label"]}, trainer.batch_sharding)
+        for b in (next(it) for _ in range(2))
+    ]
     t0 = time.time()
     state = trainer.init(jax.random.PRNGKey(0))
     compiled = trainer.step.lower(state, batches[0]).compile()
@@ -91,9 +105,14 @@ def main(argv=None) -> int:
     print(f"config: {path}  model dtype: {dtype}  devices: {jax.device_count()} x {dev.device_kind}")
     print(f"batch: {batch_size}  compile: {compile_s:.1f}s  step FLOPs: {step_flops / 1e12:.3f} TFLOP")
     print(f"median step: {step_s * 1e3:.1f} ms  steps/s: {1 / step_s:.2f}  images/s: {batch_size / step_s:.1f}")
-    print(f"achieved: {achieved / 1e12:.2f} TFLOP/s" + (
-        f"  MFU: {100 * achieved / (peak * 1e12 * jax.device_count()):.1f}% (peak {peak:g} TFLOP/s per device)"
-        if peak else "  MFU: n/a (pass --peak-tflops)"))
+    print(
+        f"achieved: {achieved / 1e12:.2f} TFLOP/s"
+        + (
+            f"  MFU: {100 * achieved / (peak * 1e12 * jax.device_count()):.1f}% (peak {peak:g} TFLOP/s per device)"
+            if peak
+            else "  MFU: n/a (pass --peak-tflops)"
+        )
+    )
     return 0
 
 

@@ -23,6 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.config import ConfigError
+from research.run import checkpoint_steps, load_params, read_config
+from research.shapes import autoencoder_geometry, build_network, latent_enabled, latent_geometry, model_input_shape
+
+__all__ = [
+    "Autoencoder",
+    "autoencoder_geometry",
+    "latent_enabled",
+    "latent_geometry",
+    "load_autoencoder",
+    "model_input_shape",
+]
+
 LATENT_SCALE_FILE = "latent_scale.json"
 
 
@@ -48,7 +61,7 @@ def compute_latent_scale(model, params, images: np.ndarray, key: jax.Array, batc
     count = 0
     channel_total = channel_sq = 0.0
     for b, start in enumerate(range(0, n, batch_size)):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         real = len(x)
         if real < batch_size:  # pad the last batch so one program serves all of them
             x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]), x.dtype)])
@@ -59,16 +72,22 @@ def compute_latent_scale(model, params, images: np.ndarray, key: jax.Array, batc
         channel_total = channel_total + z.sum(axis=(0, 1, 2))
         channel_sq = channel_sq + np.square(z).sum(axis=(0, 1, 2))
     mean = total / count
-    std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
+    std = float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
     if not std > 0:
         raise ValueError("the encoded latents have zero variance; the autoencoder is degenerate")
     per_channel = count / np.size(channel_total)
     channel_mean = channel_total / per_channel
-    channel_std = np.sqrt(np.maximum(channel_sq / per_channel - channel_mean ** 2, 0.0))
+    channel_std = np.sqrt(np.maximum(channel_sq / per_channel - channel_mean**2, 0.0))
     if not np.all(channel_std > 0):
         raise ValueError(f"a latent channel has zero variance (stds {channel_std}); the autoencoder is degenerate")
-    return {"scale": 1.0 / std, "latent_std": std, "latent_mean": float(mean), "num_images": n,
-            "channel_mean": channel_mean.tolist(), "channel_std": channel_std.tolist()}
+    return {
+        "scale": 1.0 / std,
+        "latent_std": std,
+        "latent_mean": float(mean),
+        "num_images": n,
+        "channel_mean": channel_mean.tolist(),
+        "channel_std": channel_std.tolist(),
+    }
 
 
 def _params_name(use_ema: bool) -> str:
@@ -98,8 +117,9 @@ def write_latent_scale(workdir: str, step: int, entry: dict, use_ema: bool = Tru
     return path
 
 
-def ensure_latent_scale(config, model, params, workdir: str, step: int, use_ema: bool = True,
-                        channel_stats: bool = False) -> dict:
+def ensure_latent_scale(
+    config, model, params, workdir: str, step: int, use_ema: bool = True, channel_stats: bool = False
+) -> dict:
     """The stored scale entry for (step, EMA or raw params), computed from the training images if missing (or,
     with channel_stats, if it has no per-channel statistics: entries written before they existed, imported
     autoencoders)."""
@@ -110,8 +130,9 @@ def ensure_latent_scale(config, model, params, workdir: str, step: int, use_ema:
 
     num = min(int(config.autoencoder.scale_num_images), len(get_source(config.data, "train")))
     images, _ = make_eval_arrays(config.data, "train", num)
-    entry = compute_latent_scale(model, params, to_model_range(images, centered=config.data.centered),
-                                 jax.random.PRNGKey(config.seed))
+    entry = compute_latent_scale(
+        model, params, to_model_range(images, centered=config.data.centered), jax.random.PRNGKey(config.seed)
+    )
     entry.update(step=int(step), split="train", statistic="std of posterior samples over all elements")
     if jax.process_index() == 0:
         write_latent_scale(workdir, step, entry, use_ema)
@@ -124,10 +145,10 @@ class Autoencoder:
 
     model: Any
     params: Any
-    scale: Any              # float, or per-channel [z] with normalization='channel'
+    scale: Any  # float, or per-channel [z] with normalization='channel'
     config: Any
     step: int
-    shift: Any = 0.0        # 0, or the per-channel mean [z] with normalization='channel'
+    shift: Any = 0.0  # 0, or the per-channel mean [z] with normalization='channel'
     normalization: str = "scale"
 
     def __post_init__(self):
@@ -162,8 +183,9 @@ class Autoencoder:
 NORMALIZATIONS = ("scale", "channel")
 
 
-def load_autoencoder(workdir: str, step: Optional[int] = None, use_ema: bool = True,
-                     normalization: str = "scale") -> Autoencoder:
+def load_autoencoder(
+    workdir: str, step: Optional[int] = None, use_ema: bool = True, normalization: str = "scale"
+) -> Autoencoder:
     """The autoencoder of a task='autoencoder' training workdir at `step` (default: newest checkpoint), with its
     latent statistics (read from latent_scale.json, or computed and stored there if this step has none).
 
@@ -173,22 +195,24 @@ def load_autoencoder(workdir: str, step: Optional[int] = None, use_ema: bool = T
     diffusion model would see the images' variation at a fraction of unit scale)."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization={normalization!r}; choose one of {list(NORMALIZATIONS)}")
-    from research.config import ConfigError
-    from research.sample import load_run
-
-    cfg_path = os.path.join(workdir, "config.json")
-    if os.path.isfile(cfg_path):  # refuse another task's run before building its model
-        with open(cfg_path) as f:
-            task = json.load(f).get("task", "diffusion")
-        if task != "autoencoder":
-            raise ConfigError(f"{workdir} is a {task!r} run, not an autoencoder (task='autoencoder', e.g. "
-                              f"configs/vae_mnist.py)")
-    config, model, params, step = load_run(workdir, step, use_ema=use_ema)
-    entry = ensure_latent_scale(config, model, params, workdir, step, use_ema,
-                                channel_stats=normalization == "channel")
+    config = read_config(workdir)
+    if config.model.name != "vae":  # refuse another kind of run before reading its weights
+        raise ConfigError(
+            f"{workdir} is a {config.task!r} run, not an autoencoder (task='autoencoder', e.g. configs/vae_mnist.py)"
+        )
+    _, params, step = load_params(workdir, step, use_ema=use_ema)
+    model = build_network(config)
+    entry = ensure_latent_scale(config, model, params, workdir, step, use_ema, channel_stats=normalization == "channel")
     if normalization == "channel":
-        return Autoencoder(model, params, 1.0 / np.asarray(entry["channel_std"], np.float32), config, int(step),
-                           shift=np.asarray(entry["channel_mean"], np.float32), normalization="channel")
+        return Autoencoder(
+            model,
+            params,
+            1.0 / np.asarray(entry["channel_std"], np.float32),
+            config,
+            int(step),
+            shift=np.asarray(entry["channel_mean"], np.float32),
+            normalization="channel",
+        )
     return Autoencoder(model, params, float(entry["scale"]), config, int(step))
 
 
@@ -200,63 +224,21 @@ def round_trip_psnr(ae: Autoencoder, images_uint8: np.ndarray, batch_size: int =
     centered = ae.config.data.centered
     errors = []
     for start in range(0, len(images_uint8), batch_size):
-        x = to_model_range(images_uint8[start:start + batch_size], centered=centered)
+        x = to_model_range(images_uint8[start : start + batch_size], centered=centered)
         x_hat = np.asarray(ae.decode_latents(ae.encode_to_latents(x)))
         to_unit = (lambda a: (a + 1.0) / 2.0) if centered else (lambda a: a)
         diff = np.clip(to_unit(x_hat), 0.0, 1.0) - to_unit(x)
         errors.append(np.mean(np.square(diff.astype(np.float64)), axis=(1, 2, 3)))
     mse = np.concatenate(errors)
-    return {"psnr": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
-            "psnr_of_mean_mse": float(10 * np.log10(1.0 / mse.mean())), "mse": float(mse.mean())}
+    return {
+        "psnr": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
+        "psnr_of_mean_mse": float(10 * np.log10(1.0 / mse.mean())),
+        "mse": float(mse.mean()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The latent pipeline of a diffusion run (config.latent): geometry, the cached training set, z ~ q(z|x) per step.
-
-
-def latent_enabled(config) -> bool:
-    return bool("latent" in config and config.latent.autoencoder)
-
-
-def autoencoder_geometry(workdir: str) -> tuple:
-    """(downsample factor, latent channels, pixel data section) of an autoencoder workdir, from its config.json
-    alone (no weights are read)."""
-    from research.config import ConfigError, config_from_dict
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"latent.autoencoder={workdir!r} has no config.json: train one first (e.g. python -m "
-                          f"research.train --config configs/vae_mnist.py --workdir {workdir}), or declare "
-                          f"latent.downsample_factor and latent.channels to inspect the config without it")
-    with open(path) as f:
-        ae_config = config_from_dict(json.load(f))
-    if ae_config.task != "autoencoder":
-        raise ConfigError(f"latent.autoencoder={workdir!r} is a {ae_config.task!r} run, not an autoencoder")
-    return 2 ** (len(ae_config.model.ch_mult) - 1), int(ae_config.model.z_channels), ae_config.data
-
-
-def latent_geometry(config) -> tuple:
-    """(f, z_channels): the declared latent.downsample_factor / latent.channels, else the autoencoder's."""
-    lat = config.latent
-    f, z = int(lat.downsample_factor), int(lat.channels)
-    if f and z:
-        return f, z
-    af, az, _ = autoencoder_geometry(lat.autoencoder)
-    return f or af, z or az
-
-
-def model_input_shape(config) -> tuple:
-    """(H, W, C) the diffusion network sees: the pixel data's, or its autoencoder latents' (H/f, W/f, z)."""
-    from research.config import ConfigError
-
-    d = config.data
-    if not latent_enabled(config):
-        return (int(d.image_size), int(d.image_size), int(d.channels))
-    f, z = latent_geometry(config)
-    if d.image_size % f:
-        raise ConfigError(f"data.image_size={d.image_size} is not divisible by the autoencoder's downsampling "
-                          f"factor {f}")
-    return (d.image_size // f, d.image_size // f, z)
 
 
 def resolve_latent_config(config):
@@ -264,15 +246,10 @@ def resolve_latent_config(config):
     names exactly the autoencoder a run was trained with (later checkpoints of it do not change the run)."""
     if not latent_enabled(config):
         return config
-    from research.config import ConfigError
-    from research.train.checkpoint import Checkpointer
-
     config = config.copy_and_resolve_references()
     workdir = os.path.abspath(config.latent.autoencoder)
     autoencoder_geometry(workdir)  # a clear error for a missing or wrong workdir
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
-    steps = sorted(ckpt.all_steps())
-    ckpt.close()
+    steps = checkpoint_steps(workdir)
     if not steps:
         raise ConfigError(f"latent.autoencoder={workdir!r} has no checkpoint yet")
     step = int(config.latent.step) or steps[-1]
@@ -284,16 +261,16 @@ def resolve_latent_config(config):
 
 def load_run_autoencoder(config) -> Autoencoder:
     """The autoencoder a latent diffusion config names, checked against its pixel data and declared geometry."""
-    from research.config import ConfigError
 
     lat = config.latent
-    ae = load_autoencoder(lat.autoencoder, int(lat.step) or None, use_ema=lat.use_ema,
-                          normalization=lat.normalization)
+    ae = load_autoencoder(lat.autoencoder, int(lat.step) or None, use_ema=lat.use_ema, normalization=lat.normalization)
     d, ad = config.data, ae.config.data
     for key in ("image_size", "channels", "centered"):
         if d[key] != ad[key]:
-            raise ConfigError(f"data.{key}={d[key]!r} but the autoencoder in {lat.autoencoder} was trained with "
-                              f"data.{key}={ad[key]!r}; the diffusion run must see pixels as its autoencoder did")
+            raise ConfigError(
+                f"data.{key}={d[key]!r} but the autoencoder in {lat.autoencoder} was trained with "
+                f"data.{key}={ad[key]!r}; the diffusion run must see pixels as its autoencoder did"
+            )
     for key, have in (("downsample_factor", ae.downsample_factor), ("channels", ae.model.z_channels)):
         if lat[key] and lat[key] != have:
             raise ConfigError(f"latent.{key}={lat[key]} but the autoencoder in {lat.autoencoder} has {have}")
@@ -355,15 +332,22 @@ class LatentCacheSource:
 
 def _cache_key(config, ae: Autoencoder, split: str, digest: str) -> dict:
     d = config.data
-    return {"data": {k: d[k] for k in ("name", "tfds_name", "data_dir", "image_size", "channels", "centered")},
-            "split": split, "autoencoder": os.path.abspath(config.latent.autoencoder), "step": ae.step,
-            "use_ema": bool(config.latent.use_ema), "normalization": ae.normalization,
-            "scale": np.asarray(ae.scale, np.float64).tolist(), "shift": np.asarray(ae.shift, np.float64).tolist(),
-            "params_sha256": digest}
+    return {
+        "data": {k: d[k] for k in ("name", "tfds_name", "data_dir", "image_size", "channels", "centered")},
+        "split": split,
+        "autoencoder": os.path.abspath(config.latent.autoencoder),
+        "step": ae.step,
+        "use_ema": bool(config.latent.use_ema),
+        "normalization": ae.normalization,
+        "scale": np.asarray(ae.scale, np.float64).tolist(),
+        "shift": np.asarray(ae.shift, np.float64).tolist(),
+        "params_sha256": digest,
+    }
 
 
-def latent_cache(config, ae: Autoencoder, split: str = "train", *, batch_size: int = 256,
-                 progress: bool = True) -> LatentCacheSource:
+def latent_cache(
+    config, ae: Autoencoder, split: str = "train", *, batch_size: int = 256, progress: bool = True
+) -> LatentCacheSource:
     """The cache of `split` for this (data, autoencoder weights, scale), encoding it first if it is missing.
 
     Lives in latent.cache_dir (default AUTOENCODER/latent_cache) under a name hashed from everything that
@@ -397,15 +381,16 @@ def latent_cache(config, ae: Autoencoder, split: str = "train", *, batch_size: i
             return (posterior.mean - shift) * scale, posterior.std * scale
 
         batch_size = min(batch_size, n)
-        for start in tqdm(range(0, n, batch_size), desc=f"encoding {config.data.name}:{split} to latents",
-                          disable=not progress):
+        for start in tqdm(
+            range(0, n, batch_size), desc=f"encoding {config.data.name}:{split} to latents", disable=not progress
+        ):
             idx = np.arange(start, min(start + batch_size, n))
             images, labels[idx] = read_examples(source, idx)
             x = to_model_range(images, centered=config.data.centered)
             if len(x) < batch_size:  # one program for every batch
                 x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
             m, s = jax.device_get(moments(ae.params, x))
-            mean[idx], std[idx] = m[:len(idx)], s[:len(idx)]
+            mean[idx], std[idx] = m[: len(idx)], s[: len(idx)]
         mean.flush()
         std.flush()
         del mean, std
@@ -414,10 +399,12 @@ def latent_cache(config, ae: Autoencoder, split: str = "train", *, batch_size: i
             json.dump({**key, "num_examples": n, "latent_shape": [h, w, z]}, f, indent=2)
         if os.path.isdir(directory):  # an incomplete earlier attempt
             import shutil
+
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(f"latent cache {directory}")
     return LatentCacheSource(directory)
 

@@ -10,20 +10,28 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from research.cond import Cond
 from research.diffusion import samplers
 from research.diffusion.schedules import Schedule, make_schedule, respace, space_timesteps
+from research.shapes import latent_enabled, model_input_shape
 
 
 def make_denoiser(model, params):
     """The sampler/likelihood contract denoise(x_t, t, cond) -> model output, in inference mode."""
+
     def denoise(x_t, t, cond):
         return model.apply({"params": params}, x_t, t, cond, train=False)
+
     return denoise
 
 
 def schedule_from_config(diffusion_config) -> Schedule:
-    return make_schedule(diffusion_config.schedule, diffusion_config.timesteps,
-                         beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end)
+    return make_schedule(
+        diffusion_config.schedule,
+        diffusion_config.timesteps,
+        beta_start=diffusion_config.beta_start,
+        beta_end=diffusion_config.beta_end,
+    )
 
 
 def parse_steps(steps: Union[int, str]):
@@ -58,8 +66,18 @@ class Generator:
     many batches were requested.
     """
 
-    def __init__(self, model, config, *, sampler: Optional[str] = None, steps=None, eta: Optional[float] = None,
-                 batch_size: Optional[int] = None, clip_x0: Optional[bool] = None):
+    def __init__(
+        self,
+        model,
+        config,
+        *,
+        sampler: Optional[str] = None,
+        steps=None,
+        eta: Optional[float] = None,
+        batch_size: Optional[int] = None,
+        clip_x0: Optional[bool] = None,
+        autoencoder=None,
+    ):
         s = config.sample
         self.config = config
         self.sampler = sampler or s.sampler
@@ -68,12 +86,13 @@ class Generator:
         self.schedule = sampling_schedule(schedule_from_config(config.diffusion), s.steps if steps is None else steps)
         self.num_steps = self.schedule.num_steps
         self.conditional = bool(config.model.get("num_classes", 0))
-        from research.latents import latent_enabled, model_input_shape
         shape = (self.batch_size, *model_input_shape(config))
-        # Latent diffusion: samples are drawn in latent space and decoded by the run's autoencoder.
-        self.autoencoder = None
-        if latent_enabled(config):
+        # Latent diffusion: samples are drawn in latent space and decoded by the run's autoencoder (the trainer
+        # passes the one it already holds).
+        self.autoencoder = autoencoder
+        if autoencoder is None and latent_enabled(config):
             from research.latents import load_run_autoencoder
+
             self.autoencoder = load_run_autoencoder(config)
         kwargs = dict(prediction=config.diffusion.prediction, clip_x0=s.clip_x0 if clip_x0 is None else clip_x0)
         if self.sampler == "ddim":
@@ -85,7 +104,8 @@ class Generator:
         schedule, name = self.schedule, self.sampler
 
         def run(params, key, labels):
-            return samplers.sample(name, make_denoiser(model, params), schedule, key, shape, cond=labels, **kwargs)
+            cond = None if labels is None else Cond(label=labels)
+            return samplers.sample(name, make_denoiser(model, params), schedule, key, shape, cond=cond, **kwargs)
 
         self._run = jax.jit(run)
 
@@ -97,10 +117,12 @@ class Generator:
         base = jax.random.PRNGKey(seed)
         out, nfe = [], None
         batches = math.ceil(num / self.batch_size)
-        for b in tqdm(range(batches), desc=f"{self.sampler} {self.num_steps} steps", disable=not progress or batches == 1):
+        for b in tqdm(
+            range(batches), desc=f"{self.sampler} {self.num_steps} steps", disable=not progress or batches == 1
+        ):
             lab = None
             if labels is not None:
-                chunk = np.asarray(labels[b * self.batch_size:(b + 1) * self.batch_size], np.int32)
+                chunk = np.asarray(labels[b * self.batch_size : (b + 1) * self.batch_size], np.int32)
                 lab = jnp.asarray(np.resize(chunk, self.batch_size))  # pad the last batch by repetition
             result = self._run(params, jax.random.fold_in(base, b), lab)
             samples = result.samples

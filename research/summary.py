@@ -1,9 +1,11 @@
 """python -m research.summary --config configs/X.py [--config.a.b=v ...]
 
 Prints `params: N` and `gflops: G`, the forward FLOPs for one example counted by XLA's cost analysis of
-the compiled program (a multiply-add counts as 2 FLOPs), and `gmacs: G/2`, the convention of papers that
-count a multiply-add once (DiT's Gflops). Nothing is materialised: parameters exist only
-as shapes (jax.eval_shape) and the program is compiled from abstract inputs.
+the lowered program (a multiply-add counts as 2 FLOPs), and `gmacs: G/2`, the convention of papers that
+count a multiply-add once (DiT's Gflops). Nothing is materialised or compiled: parameters exist only
+as shapes (jax.eval_shape) and the program is only lowered from abstract inputs, whose HLO cost analysis
+counts the same dot and convolution FLOPs as the compiled one's.
+A user error (missing or unreadable config file, bad override) is one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 
 import jax
 
-from research.config import ConfigError, get_config, parse_config_args
+from research.config import ConfigError, parse_config_args
+from research.tasks import get_config
 
 
 def count_params(abstract_params) -> int:
@@ -20,38 +23,73 @@ def count_params(abstract_params) -> int:
 
 
 def forward_flops(model, config, abstract_params, batch: int = 1) -> float:
-    from research.train.loop import example_inputs
-    x, t, y = example_inputs(config, batch)
+    """Forward FLOPs per example of the network on abstract inputs [batch, H, W, C] (+ t, cond)."""
+    import jax.numpy as jnp
 
-    def forward(params, x, t, y):
-        return model.apply({"params": params}, x, t, y, train=False)
+    from research.shapes import example_cond, model_input_shape
 
-    compiled = jax.jit(forward).lower(abstract_params, x, t, y).compile()
-    cost = compiled.cost_analysis()
+    x = jax.ShapeDtypeStruct((batch, *model_input_shape(config)), jnp.float32)
+    if config.model.name == "vae":  # the autoencoder sees images alone
+
+        def forward(params, x):
+            return model.apply({"params": params}, x)
+
+        args = (abstract_params, x)
+    else:
+        t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        cond = jax.eval_shape(lambda: example_cond(config, batch))
+
+        def forward(params, x, t, cond):
+            return model.apply({"params": params}, x, t, cond, train=False)
+
+        args = (abstract_params, x, t, cond)
+    # Compiling a large model costs minutes on a CPU; the lowered program already carries the FLOP count.
+    cost = jax.jit(forward).lower(*args).cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost["flops"]) / batch
 
 
 def summarize(config) -> dict:
-    from research.train.loop import abstract_params, model_from_config
-    model = model_from_config(config)
-    params = abstract_params(model, config)
+    from research.shapes import abstract_net_params, build_network
+
+    model = build_network(config)
+    params = abstract_net_params(model, config)
     return {"params": count_params(params), "gflops": forward_flops(model, config, params) / 1e9}
 
 
 def main(argv=None) -> int:
+    import os
+
+    from research.cli import fail
+
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     try:
         path, overrides, rest = parse_config_args(argv)
         if path is None or rest:
-            raise ConfigError("usage: python -m research.summary --config configs/X.py [--config.a.b=v ...]")
-        config = get_config(path, overrides)
+            raise ConfigError(
+                f"usage: python -m research.summary --config configs/X.py [--config.a.b=v ...]"
+                f"{'; unexpected ' + ' '.join(rest) if rest else ''}"
+            )
+        file = path if os.path.isfile(path) or ":" not in path else path.rsplit(":", 1)[0]
+        if os.path.isdir(file):
+            raise ConfigError(f"--config {path} is a folder; give a config file such as configs/quickstart.py")
+        if os.path.isfile(file) and not file.endswith(".py"):
+            raise ConfigError(f"--config {path} is not a Python config file (.py defining get_config())")
+        try:
+            config = get_config(path, overrides)
+        except ConfigError:
+            raise
+        except (SyntaxError, ImportError, TypeError, ValueError, NameError) as e:
+            raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     result = summarize(config)
-    from research.latents import latent_enabled, model_input_shape
+    from research.shapes import latent_enabled, model_input_shape
+
     h, w, c = model_input_shape(config)
     where = f" (latents of {config.latent.autoencoder})" if latent_enabled(config) else ""
     print(f"model: {config.model.name}  input: {h}x{w}x{c}{where}")

@@ -26,45 +26,24 @@ import pytest  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+from tests.factories import make_tiny_config  # noqa: E402
+
+
 @pytest.fixture
 def tiny_config():
     return make_tiny_config()
 
 
-def make_tiny_config():
-    """A U-Net small enough to compile and train in seconds on digits (8x8)."""
-    from research.config import base_config
-
-    c = base_config()
-    c.data.name = "digits"
-    c.model.ch = 16
-    c.model.ch_mult = (1, 2)
-    c.model.num_res_blocks = 1
-    c.model.attn_resolutions = (4,)
-    c.model.dropout = 0.1
-    c.model.norm_groups = 8
-    c.diffusion.timesteps = 100
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 2
-    c.train.batch_size = 16
-    c.train.num_steps = 6
-    c.train.log_every = 1
-    c.train.ckpt_every = 3
-    c.train.sample_every = 0
-    c.train.progress = False
-    c.sample.num = 8
-    c.sample.steps = "10"
-    return c
-
-
 @pytest.fixture(scope="session")
 def mnist_autoencoder(tmp_path_factory):
     """Workdir of configs/vae_mnist.py trained for 500 of its 2000 steps (slow: the autoencoder's PSNR test)."""
-    from research.config import get_config
+    from research.tasks import get_config
     from research.train.loop import train
 
-    config = get_config(os.path.join(REPO_ROOT, "configs", "vae_mnist.py"),
-                        [("train.num_steps", "500"), ("train.sample_every", "0"), ("train.progress", "false")])
+    config = get_config(
+        os.path.join(REPO_ROOT, "configs", "vae_mnist.py"),
+        [("train.num_steps", "500"), ("train.sample_every", "0"), ("train.progress", "false")],
+    )
     workdir = str(tmp_path_factory.mktemp("mnist_autoencoder") / "vae_mnist")
     train(config, workdir)
     return workdir

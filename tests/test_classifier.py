@@ -18,9 +18,21 @@ from research.metrics import classifier, fid
 from research.metrics.classifier import ClassifierError, ClassifierRecipe
 
 # A few seconds of training: enough to test determinism, not accuracy.
-TINY = ClassifierRecipe(dataset="digits", image_size=8, channels=1, num_classes=10, widths=(8, 16), convs_per_stage=1,
-                        feature_dim=16, dropout=0.2, epochs=2, batch_size=32, learning_rate=3e-3,
-                        weight_decay=1e-4, max_shift=1)
+TINY = ClassifierRecipe(
+    dataset="digits",
+    image_size=8,
+    channels=1,
+    num_classes=10,
+    widths=(8, 16),
+    convs_per_stage=1,
+    feature_dim=16,
+    dropout=0.2,
+    epochs=2,
+    batch_size=32,
+    learning_rate=3e-3,
+    weight_decay=1e-4,
+    max_shift=1,
+)
 TINY_TRAIN = 256
 
 
@@ -42,8 +54,10 @@ def digits_classifier(tmp_path_factory):
         mp.setenv("RESEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         start = time.perf_counter()
         clf = classifier.get_domain_classifier("digits", progress=False)
-        print(f"digits classifier: {clf.test_accuracy:.4f} test accuracy, trained in "
-              f"{clf.metadata['train_seconds']} s ({time.perf_counter() - start:.1f} s with evaluation)")
+        print(
+            f"digits classifier: {clf.test_accuracy:.4f} test accuracy, trained in "
+            f"{clf.metadata['train_seconds']} s ({time.perf_counter() - start:.1f} s with evaluation)"
+        )
         yield clf
 
 
@@ -61,8 +75,7 @@ def test_training_is_deterministic():
     assert a.checksum == b.checksum
     np.testing.assert_array_equal(a.features(test_images), b.features(test_images))
     # Another seed is another network: the test above would notice an ignored seed.
-    params_c, _ = classifier.build_classifier(dataclasses.replace(TINY, seed=1), num_train=TINY_TRAIN,
-                                              progress=False)
+    params_c, _ = classifier.build_classifier(dataclasses.replace(TINY, seed=1), num_train=TINY_TRAIN, progress=False)
     assert not _same_params(params_a, params_c)
 
 
@@ -86,9 +99,14 @@ def test_training_does_not_depend_on_the_number_of_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile afresh, not reuse this process's executables
     recipe_json = json.dumps(dataclasses.asdict(TINY))
-    out = subprocess.run([sys.executable, "-c", _ONE_DEVICE_SCRIPT, recipe_json, str(TINY_TRAIN)], env=env,
-                         capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", _ONE_DEVICE_SCRIPT, recipe_json, str(TINY_TRAIN)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     there = json.loads(out.stdout.strip().splitlines()[-1])
     assert there["devices"] == 1
@@ -181,7 +199,7 @@ def _blur(images):
     """3x3 box blur of uint8 [N, H, W, 1], edges replicated."""
     x = np.pad(images.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
     h, w = images.shape[1:3]
-    out = sum(x[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+    out = sum(x[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9
     return np.round(out).astype(np.uint8)
 
 
@@ -192,8 +210,9 @@ def test_domain_fid_separates_real_from_degraded_images(digits_classifier):
     train_stats = fid.feature_statistics(digits_classifier.features(train))
 
     def to_train(images, method="sqrtm"):
-        return fid.frechet_distance(*fid.feature_statistics(digits_classifier.features(images)), *train_stats,
-                                    method=method)
+        return fid.frechet_distance(
+            *fid.feature_statistics(digits_classifier.features(images)), *train_stats, method=method
+        )
 
     real, blurred, noisy = to_train(test), to_train(_blur(test)), to_train(noise)
     print(f"domain FID to digits train: test {real:.2f}, blurred test {blurred:.2f}, noise {noisy:.2f}")

@@ -1,6 +1,7 @@
 """Tests for research.data: sources, error messages and the grain training pipeline."""
 
 import gzip
+import hashlib
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from research.data import (
+    IMAGE_FIELDS,
     Cifar10Source,
     DataError,
     DigitsSource,
@@ -21,14 +23,22 @@ from research.data import (
     make_eval_arrays,
     make_train_iterator,
     peek_shape,
+    read_examples,
+    read_fields,
     to_model_range,
 )
 
 
 def data_config(**overrides):
     cfg = dict(
-        name="digits", data_dir="", tfds_name="", image_size=8, channels=1,
-        num_classes=10, random_flip=False, centered=True,
+        name="digits",
+        data_dir="",
+        tfds_name="",
+        image_size=8,
+        channels=1,
+        num_classes=10,
+        random_flip=False,
+        centered=True,
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
@@ -41,8 +51,10 @@ def take(iterator, n):
 def assert_batches_equal(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["label"], y["label"])
+        assert sorted(x) == sorted(y)
+        for name in x:
+            assert x[name].dtype == y[name].dtype, name
+            np.testing.assert_array_equal(x[name], y[name])
 
 
 # ----------------------------------------------------------------------------- IDX helpers
@@ -141,7 +153,7 @@ def test_idx_corrupt_files_raise(tmp_path):
     with pytest.raises(DataError, match="magic number 2052, expected 2051"):
         IDXSource(tmp_path, "train").as_array()
     with pytest.raises(DataError, match="magic"):
-        IDXSource(tmp_path, "train").image_shape
+        _ = IDXSource(tmp_path, "train").image_shape
 
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(idx_bytes(images, 2051)[:-5])
@@ -154,7 +166,6 @@ def test_idx_corrupt_files_raise(tmp_path):
 
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
         IDXSource(tmp_path, "test")
-
 
 
 def test_real_mnist_from_env():
@@ -182,8 +193,12 @@ def write_cifar(folder, sizes, seed=0):
     for name, n in zip(names, sizes):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n)]
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        }
         with open(os.path.join(folder, name), "wb") as f:
             pickle.dump(batch, f, protocol=2)
         written[name] = (data, labels)
@@ -210,7 +225,7 @@ def test_cifar10_reads_pickled_batches_in_hwc(tmp_path):
     expected[:2] = data
     for n in range(10):
         for c in range(3):
-            np.testing.assert_array_equal(images[n, :, :, c], expected[n, c * 1024:(c + 1) * 1024].reshape(32, 32))
+            np.testing.assert_array_equal(images[n, :, :, c], expected[n, c * 1024 : (c + 1) * 1024].reshape(32, 32))
     assert list(all_labels) == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
 
     test = Cifar10Source(tmp_path, "test")
@@ -247,6 +262,15 @@ def test_tfds_source_with_mock_data():
         record = source[11]
         assert record["image"].shape == (28, 28, 1) and record["image"].dtype == np.uint8
         assert record["label"].dtype == np.int32 and 0 <= int(record["label"]) < 10
+        # Record sources are read one source[i] per index and stacked field by field.
+        idx = np.array([11, 0, 5, 5])
+        fields = read_fields(source, idx)
+        assert sorted(fields) == ["image", "label"] and fields["label"].dtype == np.int32
+        np.testing.assert_array_equal(fields["image"], np.stack([source[int(i)]["image"] for i in idx]))
+        np.testing.assert_array_equal(fields["label"], [source[int(i)]["label"] for i in idx])
+        images, labels = read_examples(source, idx)
+        np.testing.assert_array_equal(images, fields["image"])
+        np.testing.assert_array_equal(labels, fields["label"])
 
         cfg = data_config(name="tfds", tfds_name="mnist", image_size=28)
         batches = take(make_train_iterator(cfg, global_batch_size=4, seed=0), 3)
@@ -270,7 +294,9 @@ def test_tfds_not_prepared_is_a_data_error(tmp_path):
 
 def test_synthetic_is_deterministic_per_index():
     source = SyntheticSource(num_examples=100, image_size=5, channels=3, num_classes=7, seed=3)
-    images, labels = source.read_batch(np.arange(100))
+    fields = source.read_fields(np.arange(100))
+    assert sorted(fields) == ["image", "label"]
+    images, labels = fields["image"], fields["label"]
     assert images.shape == (100, 5, 5, 3) and images.dtype == np.uint8
     for i in (0, 41, 99):
         np.testing.assert_array_equal(source[i]["image"], images[i])
@@ -422,3 +448,225 @@ def test_eval_arrays():
     assert first.shape == (5, 4, 4, 3)
     with pytest.raises(DataError, match="has 297"):
         make_eval_arrays(data_config(), "test", num=1000)
+
+
+# ----------------------------------------------------------------------------- fields beyond image and label
+
+
+def test_digits_batches_unchanged_by_field_pipeline():
+    # sha256 of the first 3 batches as the image/label-only pipeline (commit dc0e5e8) produced them: passing every
+    # field through must not change a single bit of existing runs' data (resumed runs and digest tests rely on it).
+    expected = {
+        True: "d3e8e9f066ed1f3e7cf6ed637b6509a2c425e52c5fc5bb5e367c26f044da2463",
+        False: "33eed942464087fe7dce164f635fedf0a813fea219315fc4391f5dd16b4b4558",
+    }
+    for flip, digest in expected.items():
+        batches = take(make_train_iterator(data_config(random_flip=flip), global_batch_size=64, seed=0), 3)
+        h = hashlib.sha256()
+        for b in batches:
+            assert sorted(b) == ["image", "label"]
+            assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
+            h.update(b["image"].tobytes())
+            h.update(b["label"].tobytes())
+        assert h.hexdigest() == digest, flip
+
+
+class CaptionedDigits:
+    """A record source with extra fields: a caption naming its label and index, a 3-channel hint (the image has
+    one channel) of asymmetric noise, and a float64 score."""
+
+    image_shape = (8, 8, 1)
+    num_classes = 10
+
+    def __init__(self, n=96):
+        images, labels = DigitsSource("train").as_array()
+        self.images, self.labels = images[:n], labels[:n]
+        self.hints = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+        self.scores = np.arange(n, dtype=np.float64) / 8
+
+    def caption(self, i):
+        return f"digit {self.labels[i]} #{i}"
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {
+            "image": self.images[i],
+            "label": self.labels[i],
+            "caption": self.caption(i),
+            "hint": self.hints[i],
+            "score": self.scores[i],
+        }
+
+
+class CaptionedDigitsBatched(CaptionedDigits):
+    """The same data through the read_fields fast path, captions handed back as an object array."""
+
+    def read_fields(self, indices):
+        return {
+            "image": self.images[indices],
+            "label": self.labels[indices],
+            "hint": self.hints[indices],
+            "score": self.scores[indices],
+            "caption": np.array([self.caption(i) for i in indices], dtype=object),
+        }
+
+
+def numpy_model_range(pixels, centered):
+    x = pixels.astype(np.float32)
+    return x / np.float32(127.5) - np.float32(1.0) if centered else x / np.float32(255.0)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_record_source_fields_pass_through_pipeline(centered):
+    source = CaptionedDigits()
+    cfg = data_config(random_flip=True, centered=centered)
+    batches = take(make_train_iterator(cfg, global_batch_size=32, seed=4, source=source), 3)  # one epoch
+    seen, flipped = [], []
+    for b in batches:
+        assert sorted(b) == ["caption", "hint", "image", "label", "score"]
+        assert b["image"].shape == (32, 8, 8, 1) and b["hint"].shape == (32, 8, 8, 3)
+        assert b["image"].dtype == b["hint"].dtype == np.float32 and b["label"].dtype == np.int32
+        assert b["caption"].dtype.kind == "U" and b["caption"].shape == (32,)
+        for k in range(32):
+            caption = str(b["caption"][k])
+            i = int(caption.split("#")[1])
+            assert caption == f"digit {source.labels[i]} #{i}"  # captions stay with their own example
+            seen.append(i)
+            plain = numpy_model_range(source.hints[i], centered)
+            mirror = numpy_model_range(source.hints[i][:, ::-1], centered)
+            flip = np.array_equal(b["hint"][k], mirror)
+            assert flip or np.array_equal(b["hint"][k], plain)
+            flipped.append(flip)
+            # The image got the same flip as its hint, and the same scaling.
+            image = source.images[i][:, ::-1] if flip else source.images[i]
+            np.testing.assert_array_equal(b["image"][k], numpy_model_range(image, centered))
+            assert b["label"][k] == source.labels[i]
+            assert b["score"][k] == i / 8 and b["score"].dtype == np.float64
+    assert sorted(seen) == list(range(96))
+    assert 0.3 < np.mean(flipped) < 0.7
+    # Without random_flip nothing is mirrored.
+    plain = next(make_train_iterator(data_config(centered=centered), global_batch_size=32, seed=4, source=source))
+    idx = [int(str(c).split("#")[1]) for c in plain["caption"]]
+    np.testing.assert_array_equal(plain["hint"], numpy_model_range(source.hints[idx], centered))
+    np.testing.assert_array_equal(plain["image"], numpy_model_range(source.images[idx], centered))
+
+    # A source's own read_fields yields the same batches, its object-array captions as str arrays.
+    fast = take(make_train_iterator(cfg, global_batch_size=32, seed=4, source=CaptionedDigitsBatched()), 3)
+    assert_batches_equal(fast, batches)
+
+
+def test_extra_fields_resume_exactly_from_checkpoint_state():
+    cfg = data_config(random_flip=True)
+    it = make_train_iterator(cfg, global_batch_size=40, seed=2, source=CaptionedDigits())  # 2 batches per epoch
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 4)  # crosses an epoch boundary
+    restored = make_train_iterator(cfg, global_batch_size=40, seed=2, source=CaptionedDigitsBatched())
+    take(restored, 5)
+    restored.set_state(state)
+    got = take(restored, 4)
+    assert sorted(got[0]) == ["caption", "hint", "image", "label", "score"]
+    assert_batches_equal(got, expected)
+    # Two processes split every field the same way they split the image.
+    shards = [
+        take(
+            make_train_iterator(
+                cfg, global_batch_size=40, seed=2, process_index=p, process_count=2, source=CaptionedDigits()
+            ),
+            3,
+        )
+        for p in range(2)
+    ]
+    single = take(make_train_iterator(cfg, global_batch_size=40, seed=2, source=CaptionedDigits()), 3)
+    for step in range(3):
+        for name in single[step]:
+            joined = np.concatenate([shards[0][step][name], shards[1][step][name]])
+            np.testing.assert_array_equal(joined, single[step][name])
+
+
+def test_read_fields_on_every_builtin_source_kind(tmp_path):
+    from research.latents import CACHE_META, LatentCacheSource
+
+    idx = np.array([3, 0, 6, 3, 1])
+
+    def check(source, images, labels):
+        fields = read_fields(source, idx)
+        # Built-in sources give only the numeric image and label, so training batches stay all jax-convertible.
+        assert sorted(fields) == ["image", "label"] and fields["label"].dtype == np.int32
+        assert fields["image"].dtype == images.dtype
+        np.testing.assert_array_equal(fields["image"], images[idx])
+        np.testing.assert_array_equal(fields["label"], labels[idx])
+        old_images, old_labels = read_examples(source, idx)
+        np.testing.assert_array_equal(old_images, images[idx])
+        np.testing.assert_array_equal(old_labels, labels[idx])
+        assert old_labels.dtype == np.int32
+
+    digits = DigitsSource("test")
+    check(digits, *digits.as_array())
+    np.testing.assert_array_equal(digits.read_fields(idx)["image"], digits.as_array()[0][idx])
+
+    rng = np.random.default_rng(1)
+    idx_images, idx_labels = rng.integers(0, 256, (7, 5, 4), dtype=np.uint8), rng.integers(0, 10, 7, dtype=np.uint8)
+    write_idx_split(tmp_path / "idx", "train", idx_images, idx_labels, compress=True)
+    check(IDXSource(tmp_path / "idx", "train"), idx_images[..., None], idx_labels.astype(np.int32))
+
+    written = write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", sizes=[1, 1, 1, 1, 1, 7])
+    data, labels = written["test_batch"]
+    check(
+        Cifar10Source(tmp_path / "cifar", "test"), data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels)
+    )
+
+    synthetic = SyntheticSource(num_examples=9, image_size=3, channels=2, seed=5)
+    records = [synthetic[i] for i in range(9)]
+    check(synthetic, np.stack([r["image"] for r in records]), np.array([r["label"] for r in records]))
+
+    # A tuple read_batch (the latent cache) maps to image and label; the moments stay float32.
+    cache = tmp_path / "cache"
+    os.makedirs(cache)
+    mean, std = rng.normal(size=(8, 2, 2, 3)).astype(np.float32), rng.random((8, 2, 2, 3)).astype(np.float32)
+    np.save(cache / "mean.npy", mean)
+    np.save(cache / "std.npy", std)
+    np.save(cache / "labels.npy", np.arange(8, dtype=np.int32) % 3)
+    (cache / CACHE_META).write_text("{}")
+    check(LatentCacheSource(str(cache)), np.concatenate([mean, std], axis=-1), np.arange(8, dtype=np.int32) % 3)
+
+
+def test_read_fields_errors_name_the_problem():
+    class NoLabel:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"image": np.zeros((2, 2, 1), np.uint8)}
+
+    class Ragged(NoLabel):
+        def __getitem__(self, i):
+            record = {"image": np.zeros((2, 2, 1), np.uint8), "label": 0}
+            return dict(record, caption="x") if i else record
+
+    class Tuple(NoLabel):
+        def read_fields(self, indices):
+            return np.zeros((len(indices), 2, 2, 1), np.uint8), np.zeros(len(indices), np.int32)
+
+    class Short(NoLabel):
+        def read_fields(self, indices):
+            return {"image": np.zeros((1, 2, 2, 1), np.uint8), "label": np.zeros(len(indices), np.int32)}
+
+    class FlatHint(NoLabel):
+        def read_fields(self, indices):
+            n = len(indices)
+            return {"image": np.zeros((n, 2, 2, 1), np.uint8), "label": np.zeros(n), "hint": np.zeros((n, 4))}
+
+    with pytest.raises(DataError, match=r"without \['label'\]"):
+        read_fields(NoLabel(), [0, 1])
+    with pytest.raises(DataError, match="must have the same fields"):
+        read_fields(Ragged(), [0, 1])
+    with pytest.raises(DataError, match="must return a dict"):
+        read_fields(Tuple(), [0, 1])
+    with pytest.raises(DataError, match="'image' has shape \\(1, 2, 2, 1\\) for a batch of 2"):
+        read_fields(Short(), [0, 1])
+    assert IMAGE_FIELDS == ("image", "hint")
+    with pytest.raises(DataError, match="'hint' has shape \\(2, 4\\); image-like fields must be"):
+        next(make_train_iterator(data_config(), global_batch_size=2, seed=0, source=FlatHint()))

@@ -1,5 +1,6 @@
 """DiT (Peebles & Xie 2023): paper sizes and Gflops, adaLN-Zero identity at init, the token layout, a numerical
-match with diffusers' DiTTransformer2DModel, label dropout, and training through the trainer.
+match with diffusers' DiTTransformer2DModel, the null label and the Cond contract, and training through the
+trainer.
 
 FLOP convention: XLA's cost analysis counts a multiply-add as 2 FLOPs; the paper's "Gflops" (Table 4) count it
 once, so the figures compared to the paper are XLA's FLOPs / 2.
@@ -16,23 +17,41 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from research.config import ConfigError, apply_overrides, get_config, validate_config
+from research.config import ConfigError, apply_overrides
 from research.models import build_model
-from research.models.dit import (DiT, DiTBlock, dit_architecture, dit_model_config, dit_timestep_embedding,
-                                 dit_variants, patchify, sincos_2d, unpatchify)
+from research.models.dit import (
+    DiT,
+    DiTBlock,
+    dit_architecture,
+    dit_model_config,
+    dit_timestep_embedding,
+    dit_variants,
+    patchify,
+    sincos_2d,
+    unpatchify,
+)
+from research.tasks import get_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/dit_xl2_imagenet256.py")
 
 # Table 4 of Peebles & Xie (2023), ImageNet 256x256 (32x32x4 latents): params (M) and Gflops (multiply-adds).
 TABLE4 = {
-    "DiT-S/8": (33, 0.36), "DiT-S/4": (33, 1.41), "DiT-S/2": (33, 6.06),
-    "DiT-B/8": (131, 1.42), "DiT-B/4": (130, 5.56), "DiT-B/2": (130, 23.01),
-    "DiT-L/8": (459, 5.01), "DiT-L/4": (458, 19.70), "DiT-L/2": (458, 80.71),
-    "DiT-XL/8": (676, 7.39), "DiT-XL/4": (675, 29.05), "DiT-XL/2": (675, 118.64),
+    "DiT-S/8": (33, 0.36),
+    "DiT-S/4": (33, 1.41),
+    "DiT-S/2": (33, 6.06),
+    "DiT-B/8": (131, 1.42),
+    "DiT-B/4": (130, 5.56),
+    "DiT-B/2": (130, 23.01),
+    "DiT-L/8": (459, 5.01),
+    "DiT-L/4": (458, 19.70),
+    "DiT-L/2": (458, 80.71),
+    "DiT-XL/8": (676, 7.39),
+    "DiT-XL/4": (675, 29.05),
+    "DiT-XL/2": (675, 118.64),
 }
-LATENT = (32, 4)          # side, channels
-OUT_CHANNELS = 8          # learned sigma: eps and the variance interpolation, 4 channels each
+LATENT = (32, 4)  # side, channels
+OUT_CHANNELS = 8  # learned sigma: eps and the variance interpolation, 4 channels each
 NUM_CLASSES = 1000
 
 
@@ -53,11 +72,18 @@ def expected_param_count(depth, hidden, patch, in_channels=4, out_channels=8, nu
     patch_embed = patch * patch * in_channels * h + h
     t_embed = 256 * h + h + h * h + h
     label_embed = (num_classes + int(null_label)) * h
-    block = (6 * h * h + 6 * h          # adaLN modulation
-             + 3 * h * h + 3 * h        # qkv
-             + h * h + h                # attention output
-             + 4 * h * h + 4 * h        # MLP in
-             + 4 * h * h + h)           # MLP out
+    block = (
+        6 * h * h
+        + 6 * h  # adaLN modulation
+        + 3 * h * h
+        + 3 * h  # qkv
+        + h * h
+        + h  # attention output
+        + 4 * h * h
+        + 4 * h  # MLP in
+        + 4 * h * h
+        + h
+    )  # MLP out
     final = 2 * h * h + 2 * h + h * patch * patch * out_channels + patch * patch * out_channels
     return patch_embed + t_embed + label_embed + depth * block + final
 
@@ -67,10 +93,12 @@ def _randomise(params, key, scale=0.05):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+        treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+    )
 
 
 # --- paper figures ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", dit_variants())
 def test_param_count_matches_paper_table4(variant):
@@ -105,6 +133,7 @@ def test_forward_gflops_match_paper_table4(variant):
 
 def test_summary_cli_prints_xl2_figures(capsys):
     from research import summary
+
     assert summary.main(["--config", CONFIG]) == 0
     out = capsys.readouterr().out
     assert "model: dit" in out and "input: 32x32x4" in out
@@ -154,8 +183,13 @@ def test_initialisation_follows_the_paper_code(tiny):
     names = ["/".join(k) for k in flatten_dict(_abstract_params(DiT(out_channels=8, variant="DiT-S/2")))]
     assert not any("pos" in n for n in names)  # the position table is a constant, not a parameter
     p = flatten_dict(tiny.params)
-    for name in [("block0", "adaLN", "kernel"), ("block0", "adaLN", "bias"), ("final", "adaLN", "kernel"),
-                 ("final", "proj", "kernel"), ("final", "proj", "bias")]:
+    for name in [
+        ("block0", "adaLN", "kernel"),
+        ("block0", "adaLN", "bias"),
+        ("final", "adaLN", "kernel"),
+        ("final", "proj", "kernel"),
+        ("final", "proj", "bias"),
+    ]:
         np.testing.assert_array_equal(p[name], 0.0)
     for name in [("t_embed0", "kernel"), ("t_embed1", "kernel"), ("label_embed", "embedding")]:
         assert abs(float(jnp.std(p[name])) - 0.02) < 0.004, name
@@ -169,6 +203,7 @@ def test_initialisation_follows_the_paper_code(tiny):
 
 # --- token layout ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("patch", [2, 4, 8])
 def test_patchify_round_trip_and_layout(patch):
     x = np.random.default_rng(0).standard_normal((2, 16, 24, 3)).astype(np.float32)
@@ -178,8 +213,9 @@ def test_patchify_round_trip_and_layout(patch):
     np.testing.assert_array_equal(unpatchify(tokens, patch, grid), x)
     # Token i * w + j is the patch at row i, column j, flattened (row, column, channel)-major.
     i, j = grid[0] - 1, 1
-    np.testing.assert_array_equal(tokens[1, i * grid[1] + j],
-                                  x[1, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch].reshape(-1))
+    np.testing.assert_array_equal(
+        tokens[1, i * grid[1] + j], x[1, i * patch : (i + 1) * patch, j * patch : (j + 1) * patch].reshape(-1)
+    )
 
 
 def test_position_embedding_is_the_closed_form():
@@ -209,6 +245,7 @@ def test_timestep_embedding_layout():
 
 # --- diffusers reference -----------------------------------------------------------------------------------
 
+
 def _import_diffusers_dit():
     """diffusers' DiTTransformer2DModel. Its package imports torchvision, whose CPU-incompatible operator
     registrations fail at import (see tests/reference.py): an empty stand-in for that one module."""
@@ -216,6 +253,7 @@ def _import_diffusers_dit():
     if "torchvision" not in sys.modules and name not in sys.modules:
         sys.modules[name] = types.ModuleType(name)
     from diffusers import DiTTransformer2DModel
+
     return DiTTransformer2DModel
 
 
@@ -226,6 +264,7 @@ def port_diffusers_dit(theirs) -> dict:
     diffusers DiT has them tied (as in the converted official checkpoints) and block 0's copy is taken.
     """
     import torch
+
     sd = {k: v.detach() for k, v in theirs.state_dict().items()}
 
     def dense(prefix):
@@ -233,29 +272,47 @@ def port_diffusers_dit(theirs) -> dict:
 
     w = sd["pos_embed.proj.weight"]  # [hidden, C, p, p] conv -> [(p1 p2 C), hidden], patchify's order
     emb = "transformer_blocks.0.norm1.emb."
-    p = {"patch_embed": {"kernel": w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]), "bias": sd["pos_embed.proj.bias"]},
-         "t_embed0": dense(emb + "timestep_embedder.linear_1"), "t_embed1": dense(emb + "timestep_embedder.linear_2"),
-         "label_embed": {"embedding": sd[emb + "class_embedder.embedding_table.weight"]},
-         "final": {"adaLN": dense("proj_out_1"), "proj": dense("proj_out_2")}}
+    p = {
+        "patch_embed": {"kernel": w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]), "bias": sd["pos_embed.proj.bias"]},
+        "t_embed0": dense(emb + "timestep_embedder.linear_1"),
+        "t_embed1": dense(emb + "timestep_embedder.linear_2"),
+        "label_embed": {"embedding": sd[emb + "class_embedder.embedding_table.weight"]},
+        "final": {"adaLN": dense("proj_out_1"), "proj": dense("proj_out_2")},
+    }
     for i in range(theirs.config.num_layers):
         b = f"transformer_blocks.{i}."
         q, k, v = (dense(b + f"attn1.to_{n}") for n in "qkv")
         p[f"block{i}"] = {
             "adaLN": dense(b + "norm1.linear"),
-            "attn": {"qkv": {"kernel": torch.cat([q["kernel"], k["kernel"], v["kernel"]], 1),
-                             "bias": torch.cat([q["bias"], k["bias"], v["bias"]])},
-                     "proj": dense(b + "attn1.to_out.0")},
-            "mlp_fc1": dense(b + "ff.net.0.proj"), "mlp_fc2": dense(b + "ff.net.2")}
+            "attn": {
+                "qkv": {
+                    "kernel": torch.cat([q["kernel"], k["kernel"], v["kernel"]], 1),
+                    "bias": torch.cat([q["bias"], k["bias"], v["bias"]]),
+                },
+                "proj": dense(b + "attn1.to_out.0"),
+            },
+            "mlp_fc1": dense(b + "ff.net.0.proj"),
+            "mlp_fc2": dense(b + "ff.net.2"),
+        }
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a.numpy()), p)
 
 
 def test_matches_diffusers_dit_with_ported_weights(tiny):
     import torch
+
     DiTTransformer2DModel = _import_diffusers_dit()
     torch.manual_seed(0)
-    theirs = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8,
-                                   num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                   norm_eps=1e-6)  # the paper's LayerNorm eps (diffusers' default is 1e-5)
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=1e-6,
+    )  # the paper's LayerNorm eps (diffusers' default is 1e-5)
     blocks = theirs.transformer_blocks
     with torch.no_grad():
         for block in blocks[1:]:  # one shared conditioning embedder, as in the paper
@@ -287,25 +344,36 @@ def test_matches_diffusers_dit_with_ported_weights(tiny):
 
 # --- conditioning ------------------------------------------------------------------------------------------
 
-def test_label_dropout_uses_the_null_class_in_training_only(tiny):
+
+def test_null_label_row_and_condition_dropout_before_the_model(tiny):
+    from research.cond import Cond, drop_condition
+
     params = _randomise(tiny.params, jax.random.PRNGKey(2))
+    assert params["label_embed"]["embedding"].shape == (11, 32)  # 10 classes + the null row
+    assert _abstract_params(tiny.model.clone(null_label=False), 8, 4)["label_embed"]["embedding"].shape == (10, 32)
     y = jnp.array([0, 3, 5, 9])
     null = tiny.forward(params, tiny.x, tiny.t, jnp.full_like(y, 10))
-    always = tiny.model.clone(class_dropout=1.0)  # same parameter shapes: the null row exists for any p > 0
-    dropped = jax.jit(lambda p, x, t, y, key: always.apply({"params": p}, x, t, y, train=True,
-                                                           rngs={"dropout": key}))(params, tiny.x, tiny.t, y,
-                                                                                    jax.random.PRNGKey(3))
-    np.testing.assert_allclose(dropped, null, rtol=0, atol=1e-6)
     kept = tiny.forward(params, tiny.x, tiny.t, y)
-    assert float(jnp.abs(kept - null).max(axis=(1, 2, 3)).min()) > 1e-4  # eval mode: every label is kept
+    assert float(jnp.abs(kept - null).max(axis=(1, 2, 3)).min()) > 1e-4  # every label changes the output
+    # The model drops nothing itself, in training either: the trainer calls drop_condition first.
+    trained = jax.jit(lambda p, y: tiny.model.apply({"params": p}, tiny.x, tiny.t, y, train=True))
+    np.testing.assert_array_equal(trained(params, y), kept)
+    dropped = drop_condition(Cond(label=y), jax.random.PRNGKey(3), 1.0, null_label=10)
+    np.testing.assert_allclose(trained(params, dropped), null, rtol=0, atol=1e-6)
+    # A Cond and its bare label array are the same call.
+    np.testing.assert_array_equal(tiny.forward(params, tiny.x, tiny.t, Cond(label=y)), kept)
 
-    half = tiny.model.clone(class_dropout=0.5)
-    labels = jnp.arange(4000) % 10
-    out = half.apply({}, labels, True, method="drop_labels", rngs={"dropout": jax.random.PRNGKey(4)})
-    dropped_mask = np.asarray(out == 10)
-    assert 0.46 < dropped_mask.mean() < 0.54  # about half, drawn per example
-    np.testing.assert_array_equal(np.asarray(out)[~dropped_mask], np.asarray(labels)[~dropped_mask])
-    np.testing.assert_array_equal(half.apply({}, labels, False, method="drop_labels"), labels)
+
+def test_dit_rejects_conditions_it_does_not_use(tiny):
+    from research.cond import Cond
+
+    text = jnp.zeros((4, 5, 16))
+    with pytest.raises(ValueError, match=r"DiT does not use cond.text \(it supports: label\)"):
+        tiny.model.apply({"params": tiny.params}, tiny.x, tiny.t, Cond(label=tiny.y, text=text))
+    with pytest.raises(ValueError, match="class-conditional.*no labels"):
+        tiny.model.apply({"params": tiny.params}, tiny.x, tiny.t, Cond())
+    with pytest.raises(TypeError, match="Cond"):
+        tiny.model.apply({"params": tiny.params}, tiny.x, tiny.t, jnp.zeros((4,), jnp.float32))
 
 
 def test_unconditional_dit_has_no_label_table():
@@ -315,6 +383,7 @@ def test_unconditional_dit_has_no_label_table():
 
 
 # --- configuration -----------------------------------------------------------------------------------------
+
 
 def test_variants_resolve_and_errors_name_the_fix():
     assert len(dit_variants()) == 12
@@ -344,17 +413,27 @@ def test_variants_resolve_and_errors_name_the_fix():
 
 def test_config_file_is_the_paper_recipe():
     c = get_config(CONFIG)
-    assert (c.model.name, c.model.variant, c.model.num_classes, c.model.class_dropout) == ("dit", "DiT-XL/2", 1000, 0.1)
+    assert (c.model.name, c.model.variant, c.model.num_classes, c.model.null_label) == ("dit", "DiT-XL/2", 1000, True)
     # 256x256 RGB pixels through the declared f8, 4-channel autoencoder: 32x32x4 latents
     assert (c.data.image_size, c.data.channels, c.data.num_classes) == (256, 3, 1000)
     assert (c.latent.downsample_factor, c.latent.channels, c.latent.normalization) == (8, 4, "scale")
     assert (c.diffusion.schedule, c.diffusion.timesteps, c.diffusion.beta_start, c.diffusion.beta_end) == (
-        "linear", 1000, 1e-4, 0.02)
+        "linear",
+        1000,
+        1e-4,
+        0.02,
+    )
     assert (c.diffusion.var_type, c.diffusion.loss) == ("learned_range", "hybrid")
     assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay, c.optim.warmup_steps, c.optim.lr_schedule) == (
-        "adamw", 1e-4, 0.0, 0, "constant")
+        "adamw",
+        1e-4,
+        0.0,
+        0,
+        "constant",
+    )
     assert (c.train.batch_size, c.train.ema_decay, c.train.num_steps) == (256, 0.9999, 7_000_000)
-    from research.train.loop import output_channels
+    from research.shapes import output_channels
+
     assert output_channels(c) == 8
 
 
@@ -363,13 +442,18 @@ def test_remat_and_bfloat16_compute(tiny):
 
     def grads(model):
         def loss(p):
-            out = model.apply({"params": p}, tiny.x, tiny.t, tiny.y, train=True,
-                              rngs={"dropout": jax.random.PRNGKey(3)})
-            return jnp.mean(out ** 2)
+            out = model.apply(
+                {"params": p}, tiny.x, tiny.t, tiny.y, train=True, rngs={"dropout": jax.random.PRNGKey(3)}
+            )
+            return jnp.mean(out**2)
+
         return jax.jit(jax.grad(loss))(params)
 
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 grads(tiny.model), grads(tiny.model.clone(remat=True)))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        grads(tiny.model),
+        grads(tiny.model.clone(remat=True)),
+    )
 
     bf16 = tiny.model.clone(dtype=jnp.bfloat16)
     out32 = tiny.forward(params, tiny.x, tiny.t, tiny.y)
@@ -381,8 +465,10 @@ def test_remat_and_bfloat16_compute(tiny):
 
 # --- training ----------------------------------------------------------------------------------------------
 
+
 def _tiny_dit_config(**diffusion):
-    from tests.conftest import make_tiny_config
+    from tests.factories import make_tiny_config
+
     c = make_tiny_config()
     with c.unlocked():
         c.model = dit_model_config("", depth=2, hidden_size=32, num_heads=2, patch_size=2, num_classes=10)
@@ -403,6 +489,7 @@ def _losses(workdir):
 def test_tiny_dit_trains_and_samples(tmp_path):
     from research.sampling import Generator
     from research.train.loop import train
+
     config = _tiny_dit_config()
     result = train(config, str(tmp_path / "run"))
     losses = _losses(tmp_path / "run")
@@ -412,25 +499,27 @@ def test_tiny_dit_trains_and_samples(tmp_path):
     assert losses[-10:].mean() < 0.8 * losses[:3].mean()
 
     generator = Generator(build_model(config.model, out_channels=1), config, batch_size=8)
-    samples, _, _ = generator.generate(result["state"].ema_params, 8, seed=0, progress=False)
+    samples, _, _ = generator.generate(result["state"].ema_params["net"], 8, seed=0, progress=False)
     assert np.asarray(samples).shape == (8, 8, 8, 1) and np.isfinite(np.asarray(samples)).all()
 
 
 def test_tiny_dit_learned_sigma_trains_with_hybrid_loss(tmp_path):
-    from research.train.loop import build_trainer, model_from_config
     from research.data import make_train_iterator
+    from research.shapes import build_network
     from research.train import mesh as mesh_lib
+    from research.train.loop import build_trainer
+
     config = _tiny_dit_config(var_type="learned_range", loss="hybrid")
     trainer = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1]))
-    assert model_from_config(config).out_channels == 2  # eps and the variance interpolation
+    assert build_network(config).out_channels == 2  # eps and the variance interpolation
     state = trainer.init(jax.random.PRNGKey(0))
-    init = jax.device_get(state.params)
+    init = jax.device_get(state.params["net"])
     it = make_train_iterator(config.data, global_batch_size=16, seed=0)
     for _ in range(5):
         state, metrics = trainer.step(state, mesh_lib.global_batch(next(it), trainer.batch_sharding))
         assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["vlb_bpd_per_step"]))
     # The zero-initialised output layer moves in both heads: the mean through L_simple, the variance
     # (columns of channel 1 in each patch) only through L_vlb.
-    kernel = np.asarray(jax.device_get(state.params)["final"]["proj"]["kernel"]).reshape(32, 2, 2, 2)
+    kernel = np.asarray(jax.device_get(state.params["net"])["final"]["proj"]["kernel"]).reshape(32, 2, 2, 2)
     assert np.abs(kernel[..., 0]).max() > 1e-4 and np.abs(kernel[..., 1]).max() > 1e-4
     assert np.abs(init["final"]["proj"]["kernel"]).max() == 0

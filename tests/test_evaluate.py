@@ -25,8 +25,8 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, cache):
-    from tests.conftest import make_tiny_config
     from research.train.loop import train
+    from tests.factories import make_tiny_config
 
     workdir = str(tmp_path_factory.mktemp("run"))
     config = make_tiny_config()
@@ -67,12 +67,29 @@ def test_fid_command_equals_direct_computation(tmp_path, cache, capsys):
 
     test_images, _ = dataset_images(DatasetSpec("digits", "test"))
     # Pixels shuffled within each image: the intensity histogram of digits, none of their shapes.
-    noisy = np.random.default_rng(1).permuted(test_images.reshape(len(test_images), -1), axis=1).reshape(
-        test_images.shape)
+    noisy = (
+        np.random.default_rng(1).permuted(test_images.reshape(len(test_images), -1), axis=1).reshape(test_images.shape)
+    )
     np.savez(tmp_path / "noisy.npz", images=noisy)
     out = tmp_path / "r.json"
-    assert main(["fid", "--samples", str(tmp_path / "noisy.npz"), "--ref", "digits:train", "--metric", "domain",
-                 "--kid", "--pr", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fid",
+                "--samples",
+                str(tmp_path / "noisy.npz"),
+                "--ref",
+                "digits:train",
+                "--metric",
+                "domain",
+                "--kid",
+                "--pr",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.load(open(out))
     clf = get_domain_classifier("digits", progress=False)
     train_images, _ = dataset_images(DatasetSpec("digits", "train"))
@@ -85,12 +102,27 @@ def test_fid_command_equals_direct_computation(tmp_path, cache, capsys):
 
     # The floor (real test vs real train) is far below the noisy images' FID; a stats file stands in for a split.
     assert main(["stats", "digits:train", "--metric", "domain", "--out", str(tmp_path / "train_stats.npz")]) == 0
-    assert main(["fid", "digits:test", str(tmp_path / "train_stats.npz"), "--metric", "domain", "--domain", "digits",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fid",
+                "digits:test",
+                str(tmp_path / "train_stats.npz"),
+                "--metric",
+                "domain",
+                "--domain",
+                "digits",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     floor = json.load(open(out))["fid"]
     fc = clf.features(test_images, progress=False)
-    assert floor == pytest.approx(fid_lib.frechet_distance(*fid_lib.feature_statistics(fc),
-                                                           *fid_lib.feature_statistics(fb)), rel=1e-6)
+    assert floor == pytest.approx(
+        fid_lib.frechet_distance(*fid_lib.feature_statistics(fc), *fid_lib.feature_statistics(fb)), rel=1e-6
+    )
     assert floor < 0.5 * result["fid"]
 
 
@@ -106,8 +138,22 @@ def test_fid_command_errors(tmp_path, cache, capsys):
     assert "--domain" in capsys.readouterr().err
     # A missing data folder names this command's flag, not the training command's.
     np.savez(tmp_path / "b.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
-    assert main(["fid", str(tmp_path / "b.npz"), "mnist:train:10", "--metric", "domain", "--domain", "mnist",
-                 "--data-dir", str(tmp_path / "no_mnist")]) == 2
+    assert (
+        main(
+            [
+                "fid",
+                str(tmp_path / "b.npz"),
+                "mnist:train:10",
+                "--metric",
+                "domain",
+                "--domain",
+                "mnist",
+                "--data-dir",
+                str(tmp_path / "no_mnist"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no_mnist" in err and "--data-dir" in err and "--config.data" not in err, err
 
@@ -118,13 +164,36 @@ def test_compare_samplers_harness(trained_run, cache, tmp_path):
     from research.metrics.evaluation import DatasetSpec, dataset_images
 
     out = str(tmp_path / "cmp")
-    args = ["--workdir", trained_run, "--samplers", "ddpm,ddim", "--eta", "0,1", "--steps", "2,5", "--num", "24",
-            "--metric", "fid_domain", "--batch-size", "12", "--out", out, "--no-progress"]
+    args = [
+        "--workdir",
+        trained_run,
+        "--samplers",
+        "ddpm,ddim",
+        "--eta",
+        "0,1",
+        "--steps",
+        "2,5",
+        "--num",
+        "24",
+        "--metric",
+        "fid_domain",
+        "--batch-size",
+        "12",
+        "--out",
+        out,
+        "--no-progress",
+    ]
     assert main(args) == 0
     rows = list(csv.DictReader(open(os.path.join(out, "compare_samplers.csv"))))
     # ddpm x 2 steps + ddim x 2 etas x 2 steps, NFE = steps.
     assert [(r["sampler"], r["eta"], int(r["steps"])) for r in rows] == [
-        ("ddpm", "", 2), ("ddpm", "", 5), ("ddim", "0.0", 2), ("ddim", "0.0", 5), ("ddim", "1.0", 2), ("ddim", "1.0", 5)]
+        ("ddpm", "", 2),
+        ("ddpm", "", 5),
+        ("ddim", "0.0", 2),
+        ("ddim", "0.0", 5),
+        ("ddim", "1.0", 2),
+        ("ddim", "1.0", 5),
+    ]
     assert all(int(r["nfe"]) == int(r["steps"]) for r in rows)
     md = open(os.path.join(out, "compare_samplers.md")).read()
     assert "Protocol" in md and "digits:train" in md and "Floors" in md
@@ -135,8 +204,10 @@ def test_compare_samplers_harness(trained_run, cache, tmp_path):
     ref, _ = dataset_images(DatasetSpec("digits", "train"))
     cell = np.load(os.path.join(out, "cells", "ddim_eta0_steps5_n24_seed0.npz"))
     assert cell["images"].shape == (24, 8, 8, 1) and int(cell["nfe"]) == 5
-    direct = fid_lib.frechet_distance(*fid_lib.feature_statistics(clf.features(cell["images"], progress=False)),
-                                      *fid_lib.feature_statistics(clf.features(ref, progress=False)))
+    direct = fid_lib.frechet_distance(
+        *fid_lib.feature_statistics(clf.features(cell["images"], progress=False)),
+        *fid_lib.feature_statistics(clf.features(ref, progress=False)),
+    )
     assert float(rows[3]["fid_domain"]) == pytest.approx(direct, rel=1e-6)
     # Cells differ only by the sampler: DDIM eta=0 and eta=1 at the same steps give different samples.
     other = np.load(os.path.join(out, "cells", "ddim_eta1_steps5_n24_seed0.npz"))["images"]

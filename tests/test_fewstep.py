@@ -9,14 +9,13 @@ Heun schedulers, the consistency-model scheduler) we compare against it step for
 
 import math
 
+import diffusers.schedulers.scheduling_consistency_models as cm_module  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-
 import torch  # noqa: E402  (the test extra installs it; a missing reference must fail, not skip)
-import diffusers.schedulers.scheduling_consistency_models as cm_module  # noqa: E402
 from diffusers import CMStochasticIterativeScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler  # noqa: E402
 
 from research import diffusion as D
@@ -232,11 +231,10 @@ def test_preconditioning_matches_diffusers_and_closed_forms():
         np.testing.assert_allclose(np.asarray(edm.c_in) ** 2 * total, 1.0, rtol=1e-12)
         skip, out = np.asarray(edm.c_skip), np.asarray(edm.c_out)
         np.testing.assert_allclose(((1 - skip) ** 2 * sd**2 + skip**2 * sigma**2) / out**2, 1.0, rtol=1e-12)
-        np.testing.assert_allclose(D.edm_loss_weight(sg) * out**2, 1.0, rtol=1e-12)
 
 
 def test_edm_input_and_target_have_unit_variance_on_gaussian_data():
-    key_x, key_n, key_s = jax.random.split(jax.random.PRNGKey(0), 3)
+    key_x, key_n = jax.random.split(jax.random.PRNGKey(0), 2)
     n, sd = 20000, D.SIGMA_DATA
     x0 = sd * jax.random.normal(key_x, (n, 1))
     noise = jax.random.normal(key_n, (n, 1))
@@ -246,22 +244,16 @@ def test_edm_input_and_target_have_unit_variance_on_gaussian_data():
         sig = jnp.full((n,), sigma)
         x = x0 + sigma * noise
         c = D.edm_preconditioning(sigma)
-        target = D.edm_raw_target(x0, x, sig)
+        target = (x0 - c.c_skip * x) / c.c_out  # F's effective regression target (EDM eq. 8)
         # For N(0, sd^2) data the ideal denoiser is c_skip x, i.e. a network output of 0.
         ideal = D.edm_denoiser(lambda xi, cn, cond: jnp.zeros_like(xi))(x, sig)
         ideal_err = jnp.max(jnp.abs(ideal - sd**2 / (sigma**2 + sd**2) * x))
-        # The EDM loss is an unweighted MSE on F: lambda ||D - x0||^2 == ||F - target||^2.
-        f = jnp.tanh(x)
-        d = D.edm_denoiser(lambda xi, cn, cond: f)(x, sig)
-        loss_gap = jnp.max(jnp.abs(D.edm_loss_weight(sigma) * (d - x0) ** 2 - (f - target) ** 2))
-        return jnp.std(c.c_in * x), jnp.std(target), ideal_err, loss_gap, jnp.max((f - target) ** 2)
+        return jnp.std(c.c_in * x), jnp.std(target), ideal_err
 
     for sigma in (0.02, 0.5, 10.0):
-        std_in, std_target, ideal_err, loss_gap, scale = stats(jnp.float32(sigma))
+        std_in, std_target, ideal_err = stats(jnp.float32(sigma))
         assert abs(float(std_in) - 1.0) < 0.03 and abs(float(std_target) - 1.0) < 0.03
-        assert float(ideal_err) < 1e-6 * max(1.0, sigma) and float(loss_gap) < 1e-4 * float(scale)
-    sig = D.edm_sample_sigma(key_s, (n,))
-    np.testing.assert_allclose([jnp.mean(jnp.log(sig)), jnp.std(jnp.log(sig))], [-1.2, 1.2], atol=0.03)
+        assert float(ideal_err) < 1e-6 * max(1.0, sigma)
 
 
 def test_karras_sigmas_closed_form_and_diffusers():
@@ -338,8 +330,6 @@ def test_vp_sigma_conversions_round_trip():
     sched = D.make_schedule("linear", 1000)
     sig = D.vp_sigmas(sched)
     np.testing.assert_allclose(sig, np.sqrt((1 - sched.alphas_cumprod) / sched.alphas_cumprod), rtol=1e-12)
-    np.testing.assert_allclose(D.alpha_bar_from_sigma(sig), sched.alphas_cumprod, rtol=1e-12)
-    np.testing.assert_allclose(D.sigma_from_alpha_bar(D.alpha_bar_from_sigma(sig)), sig, rtol=1e-10)
     assert D.vp_sigma_range(sched) == (sig[0], sig[-1]) and np.all(np.diff(sig) > 0)
     with jax.enable_x64(True):
         x0, eps = jnp.asarray(_rand(6), jnp.float64), jnp.asarray(_rand(7), jnp.float64)
@@ -347,7 +337,6 @@ def test_vp_sigma_conversions_round_trip():
         x_t = D.q_sample(sched, x0, t, eps)
         x = D.vp_to_sigma_space(x_t, sig[t])
         np.testing.assert_allclose(x, x0 + sig[t][:, None, None, None] * eps, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(D.sigma_to_vp_space(x, sig[t]), x_t, rtol=1e-12, atol=1e-12)
     # Nearest step in log sigma: exact on the grid, and the closer neighbour in between.
     np.testing.assert_array_equal(D.sigma_to_index(sched, jnp.asarray(sig, jnp.float32)), np.arange(1000))
     mid = np.sqrt(sig[10] * sig[11])
@@ -494,8 +483,10 @@ def test_cd_loss_vanishes_for_the_exact_consistency_function():
         # The solver's error sets the floor: one step over h has local error h^2 (Euler), h^3 (Heun),
         # so the squared-error loss falls as h^4 and h^6.
         hs = [0.08, 0.04, 0.02, 0.01]
-        loss = {s: [float(jnp.mean(D.cd_loss(f, f, _gauss_denoiser, x0, z, 1.0, 1.0 + h, solver=s))) for h in hs]
-                for s in ("euler", "heun")}
+        loss = {
+            s: [float(jnp.mean(D.cd_loss(f, f, _gauss_denoiser, x0, z, 1.0, 1.0 + h, solver=s))) for h in hs]
+            for s in ("euler", "heun")
+        }
         assert 3.7 < _slope(hs, loss["euler"]) < 4.3, loss
         assert 5.6 < _slope(hs, loss["heun"]) < 6.4, loss
 

@@ -1,5 +1,5 @@
 """task='fewstep': progressive distillation, consistency distillation and consistency training wired into the
-trainer (research/train/fewstep.py). The math itself is tested in test_fewstep.py."""
+trainer (research/tasks/fewstep.py). The math itself is tested in test_fewstep.py."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import make_tiny_config
+from tests.factories import make_tiny_config
 
 
 def _teacher_config():
@@ -43,7 +43,7 @@ def teacher_dir(tmp_path_factory):
     ckpt.save(7, state, {}, trainer.meta)
     ckpt.wait()
     ckpt.close()
-    return workdir, jax.device_get(params)
+    return workdir, jax.device_get(params["net"])
 
 
 def fewstep_config(method, teacher_dir, **fields):
@@ -67,6 +67,7 @@ def fewstep_config(method, teacher_dir, **fields):
 
 def _batch(trainer, seed=0, n=16):
     from research.train import mesh as mesh_lib
+
     x = jax.random.uniform(jax.random.PRNGKey(seed), (n, 8, 8, 1), minval=-1.0, maxval=1.0)
     return mesh_lib.global_batch({"image": np.asarray(x)}, trainer.batch_sharding)
 
@@ -87,10 +88,15 @@ def test_student_starts_as_the_teacher(teacher_dir, method):
     workdir, teacher = teacher_dir
     trainer = build_trainer(fewstep_config(method, workdir))
     state = _host(trainer.init(jax.random.PRNGKey(0)))
-    _assert_trees_equal(state.params, teacher)
-    _assert_trees_equal(state.ema_params, teacher)
-    _assert_trees_equal(state.extra["teacher"], teacher)
-    assert ("target" in state.extra) == (method == "cd")
+    _assert_trees_equal(state.params["net"], teacher)
+    _assert_trees_equal(state.ema_params["net"], teacher)
+    # PD's round teacher is trained state; CD's teacher is a frozen part, referenced (not copied) by checkpoints.
+    held = state.extra["teacher"] if method == "pd" else trainer.context["frozen"]["teacher"]
+    _assert_trees_equal(held, teacher)
+    assert ("teacher" in state.extra) == (method == "pd") and ("target" in state.extra) == (method == "cd")
+    if method == "cd":
+        ref = trainer.meta["frozen"]["teacher"]
+        assert ref["workdir"] == os.path.abspath(workdir) and ref["step"] == 7 and len(ref["sha256"]) == 64
     if method == "cd":
         _assert_trees_equal(state.extra["target"], teacher)
     assert int(state.step) == 0
@@ -117,9 +123,16 @@ def test_pd_loss_at_init_matches_two_teacher_ddim_steps(teacher_dir):
     j = np.asarray(jax.random.randint(j_key, (16,), 0, 2))
     noise = np.asarray(jax.random.normal(noise_key, x0.shape, jnp.float32), np.float64)
     abar = tsched.alphas_cumprod
-    net = lambda x, i: np.asarray(trainer.model.apply(  # noqa: E731
-        {"params": teacher}, jnp.asarray(x, jnp.float32), jnp.asarray(tsched.timesteps[i], jnp.int32), None,
-        train=False), np.float64)
+    net = lambda x, i: np.asarray(
+        trainer.model.apply(  # noqa: E731
+            {"params": teacher},
+            jnp.asarray(x, jnp.float32),
+            jnp.asarray(tsched.timesteps[i], jnp.int32),
+            None,
+            train=False,
+        ),
+        np.float64,
+    )
     col = lambda a: a[:, None, None, None]  # noqa: E731
     i = 2 * j + 1
     a, s = np.sqrt(abar[i]), np.sqrt(1 - abar[i])
@@ -161,9 +174,11 @@ def test_pd_round_boundary_swaps_teacher_and_halves_steps(teacher_dir):
     state = _host(state)
     assert float(m1["student_steps"]) == 1.0 and float(m1["round"]) == 1.0
     # the round-1 teacher is the round-0 student's EMA (sample.use_ema), not the original teacher
-    _assert_trees_equal(state.extra["teacher"], after_round0.ema_params)
-    changed = [np.any(np.asarray(a) != np.asarray(b))
-               for a, b in zip(jax.tree.leaves(after_round0.ema_params), jax.tree.leaves(teacher))]
+    _assert_trees_equal(state.extra["teacher"], after_round0.ema_params["net"])
+    changed = [
+        np.any(np.asarray(a) != np.asarray(b))
+        for a, b in zip(jax.tree.leaves(after_round0.ema_params["net"]), jax.tree.leaves(teacher))
+    ]
     assert any(changed)
     # Adam restarted: its step count is 1 (one update in round 1), not 2
     counts = [np.asarray(x) for x in jax.tree.leaves(state.opt_state) if np.asarray(x).dtype == np.int32]
@@ -174,8 +189,8 @@ def test_pd_round_boundary_swaps_teacher_and_halves_steps(teacher_dir):
 def test_pd_resume_is_exact_and_keeps_every_round(teacher_dir, tmp_path):
     """2 + 2 steps (stopping exactly at the round boundary) equal 4 uninterrupted steps bit for bit; both rounds'
     checkpoints are kept and labelled with the student's step count."""
+    from research.tasks.fewstep import load_student, round_table
     from research.train.checkpoint import Checkpointer
-    from research.train.fewstep import load_student, round_table
     from research.train.loop import train
 
     workdir, _ = teacher_dir
@@ -213,7 +228,7 @@ def test_target_network_follows_the_mu_schedule(teacher_dir, method, curriculum)
         mu = 0.7 if method == "cd" else cm_ema_decay(k, 3, s0=2, s1=8, mu0=0.9)
         n = 6 if method == "cd" else cm_num_points(k, 3, s0=2, s1=8)
         assert float(metrics["target_ema"]) == np.float32(mu) and float(metrics["num_points"]) == n
-        params = _host(state.params)
+        params = _host(state.params["net"])
         m = np.float32(mu)
         target = jax.tree.map(lambda t, p: m * t + (np.float32(1) - m) * p, target, params)
         for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(_host(state.extra["target"]))):
@@ -226,15 +241,16 @@ def test_ict_has_no_target_network_and_uses_the_student_as_target(teacher_dir):
     pair indices over the ict_num_points(k) grid and pseudo-Huber distance."""
     from research.diffusion import consistency as cm
     from research.sampling import schedule_from_config
-    from research.train.fewstep import consistency_grid, student_consistency_fn
+    from research.tasks.fewstep import consistency_grid, student_consistency_fn
     from research.train.loop import build_trainer
 
-    config = fewstep_config("ct", "", curriculum="ict", distance="pseudo_huber", weighting="ict",
-                            index_distribution="lognormal")
+    config = fewstep_config(
+        "ct", "", curriculum="ict", distance="pseudo_huber", weighting="ict", index_distribution="lognormal"
+    )
     trainer = build_trainer(config)
     state = trainer.init(jax.random.PRNGKey(0))
     assert state.extra is None
-    params = _host(state.params)
+    params = _host(state.params["net"])
     batch = _batch(trainer)
     _, metrics = trainer.step(state, batch)
     n_points = cm.ict_num_points(0, 4, s0=2, s1=8)
@@ -254,7 +270,7 @@ def test_ict_has_no_target_network_and_uses_the_student_as_target(teacher_dir):
 
 def test_consistency_students_satisfy_the_boundary_condition(teacher_dir):
     from research.sampling import schedule_from_config
-    from research.train.fewstep import consistency_grid, student_consistency_fn
+    from research.tasks.fewstep import consistency_grid, student_consistency_fn
     from research.train.loop import build_trainer
 
     workdir, teacher = teacher_dir
@@ -273,19 +289,20 @@ def test_consistency_students_satisfy_the_boundary_condition(teacher_dir):
 
 @pytest.mark.parametrize("method", ["pd", "cd"])
 def test_student_sampler_spends_one_evaluation_per_step(teacher_dir, method):
-    from research.train.fewstep import generate, make_student_sampler
+    from research.tasks.fewstep import generate, make_student_sampler
     from research.train.loop import build_trainer
 
     workdir, teacher = teacher_dir
     config = fewstep_config(method, workdir)
     model = build_trainer(config).model
     for steps in (1, 2):
-        samples, nfe = generate(make_student_sampler(config, model, steps, 4), teacher, 4, 4)
+        samples, _, nfe = generate(make_student_sampler(config, model, steps, 4), teacher, 4, 4)
         assert nfe == steps and samples.shape == (4, 8, 8, 1) and np.all(np.isfinite(samples))
 
 
 def test_fewstep_config_errors_name_the_key(teacher_dir, tmp_path):
-    from research.config import ConfigError, validate_config
+    from research.config import ConfigError
+    from research.tasks import validate_config
     from research.train.loop import build_trainer
 
     workdir, _ = teacher_dir

@@ -50,7 +50,7 @@ def torch_features(net, images: np.ndarray, batch: int = 50) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            out.append(net(to_torch_unit(images[i:i + batch]))[0].squeeze(-1).squeeze(-1).numpy())
+            out.append(net(to_torch_unit(images[i : i + batch]))[0].squeeze(-1).squeeze(-1).numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -98,16 +98,20 @@ def random_state_dict(seed: int = 0) -> dict:
 def state_dict_from_raw(raw: dict) -> dict:
     """Our raw converted weights as a complete pytorch-fid state dict (the unused classifier zeroed)."""
     arrays = convert_inception.pytorch_fid_from_raw(raw)
-    return {key: torch.from_numpy(np.array(arrays[key])) if key in arrays else torch.zeros_like(value)
-            for key, value in template_state_dict().items()}
+    return {
+        key: torch.from_numpy(np.array(arrays[key])) if key in arrays else torch.zeros_like(value)
+        for key, value in template_state_dict().items()
+    }
 
 
 @pytest.fixture(scope="module")
 def network():
     """Our network jitted once for the [3, 299, 299, 3] batches of the fast tests (preprocessing apart, so new
     input sizes do not recompile it)."""
-    return {fuse: jax.jit(lambda p, x, m=inception.FIDInceptionV3(fuse=fuse): m.apply({"params": p}, x))
-            for fuse in (True, False)}
+    return {
+        fuse: jax.jit(lambda p, x, m=inception.FIDInceptionV3(fuse=fuse): m.apply({"params": p}, x))  # noqa: B008
+        for fuse in (True, False)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,21 +121,27 @@ def preprocess():
 
 # ----------------------------------------------------------------------------------------------- preprocessing
 
-@pytest.mark.parametrize("in_hw,out_hw", [((28, 28), (299, 299)), ((7, 10), (23, 17)),
-                                          ((64, 50), (29, 31)), ((300, 300), (299, 299))])
+
+@pytest.mark.parametrize(
+    "in_hw,out_hw", [((28, 28), (299, 299)), ((7, 10), (23, 17)), ((64, 50), (29, 31)), ((300, 300), (299, 299))]
+)
 def test_resize_matches_torch_interpolate(in_hw, out_hw):
     x = np.random.default_rng(1).uniform(0, 1, (2, *in_hw, 3)).astype(np.float32)
     ours = np.asarray(inception.resize_bilinear(x, out_hw, half_pixel=True))
-    theirs = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="bilinear",
-                                             align_corners=False, antialias=False).permute(0, 2, 3, 1).numpy()
+    theirs = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="bilinear", align_corners=False, antialias=False
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     assert ours.shape == theirs.shape
     np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
 
 
 def test_tf_legacy_resize_rule():
     # in 2 -> out 4: src = dst * 2 / 4 = 0, 0.5, 1, 1.5 (clamped to the last pixel): no half-pixel shift.
-    np.testing.assert_allclose(inception.resize_matrix(2, 4, half_pixel=False),
-                               [[1, 0], [0.5, 0.5], [0, 1], [0, 1]])
+    np.testing.assert_allclose(inception.resize_matrix(2, 4, half_pixel=False), [[1, 0], [0.5, 0.5], [0, 1], [0, 1]])
     # Downsampling 4 -> 2 reads two pixels per output whatever the ratio (no antialiasing): src = 0 and 2 under
     # TF's rule, 0.5 and 2.5 under torch's half-pixel rule.
     np.testing.assert_allclose(inception.resize_matrix(4, 2, half_pixel=False), [[1, 0, 0, 0], [0, 0, 1, 0]])
@@ -161,6 +171,7 @@ def test_preprocess_protocols(preprocess):
 
 # ----------------------------------------------------------------------------------------------- random weights
 
+
 @pytest.fixture(scope="module")
 def random_pair():
     """pytorch-fid's network and our params, from one random state dict through the converter's mapping."""
@@ -176,10 +187,10 @@ def random_images_and_torch_features(random_pair):
     return images, torch_features(random_pair[0], images)
 
 
-@pytest.mark.parametrize("images,fuse", [("random", True), ("random", False),
-                                         ("mnist", True)])
-def test_random_weights_match_pytorch_fid(random_pair, random_images_and_torch_features, network, preprocess,
-                                          images, fuse):
+@pytest.mark.parametrize("images,fuse", [("random", True), ("random", False), ("mnist", True)])
+def test_random_weights_match_pytorch_fid(
+    random_pair, random_images_and_torch_features, network, preprocess, images, fuse
+):
     net, params = random_pair
     if images == "random":
         x, theirs = random_images_and_torch_features
@@ -188,8 +199,10 @@ def test_random_weights_match_pytorch_fid(random_pair, random_images_and_torch_f
         theirs = torch_features(net, x)
     ours = np.asarray(network[fuse](params, preprocess(x, protocol="pytorch-fid")), np.float64)
     err = np.abs(ours - theirs).max()
-    print(f"random weights, {images} {x.shape[1:]} images, fuse={fuse}: max |ours - pytorch-fid| = {err:.2e}, "
-          f"mean |feature| = {np.abs(theirs).mean():.3f}, max = {theirs.max():.3f}")
+    print(
+        f"random weights, {images} {x.shape[1:]} images, fuse={fuse}: max |ours - pytorch-fid| = {err:.2e}, "
+        f"mean |feature| = {np.abs(theirs).mean():.3f}, max = {theirs.max():.3f}"
+    )
     assert 0.05 < np.abs(theirs).mean() < 20  # features of a usable scale, so the tolerance means something
     assert err < FEATURE_ATOL
 
@@ -199,8 +212,10 @@ def test_mapping_detects_a_wrong_layer(random_pair, random_images_and_torch_feat
     _, params = random_pair
     x, theirs = random_images_and_torch_features
     block = params["Mixed_6b"]
-    swapped = {**params, "Mixed_6b": {**block, "branch7x7_1": block["branch7x7dbl_1"],
-                                      "branch7x7dbl_1": block["branch7x7_1"]}}
+    swapped = {
+        **params,
+        "Mixed_6b": {**block, "branch7x7_1": block["branch7x7dbl_1"], "branch7x7dbl_1": block["branch7x7_1"]},
+    }
     ours = np.asarray(network[True](swapped, preprocess(x, protocol="pytorch-fid")))
     assert np.abs(ours - theirs).max() > 100 * FEATURE_ATOL
 
@@ -225,6 +240,7 @@ def test_unknown_compiler_option_falls_back():
 
 
 # ----------------------------------------------------------------------------------------------- shipped weights
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
@@ -262,8 +278,9 @@ def test_shipped_weights_match_torchscript(converted):
     with torch.no_grad():
         theirs = scripted(to_torch_unit(images) * 2 - 1).numpy()
     err = np.abs(ours - theirs).max()
-    print(f"shipped weights, {len(images)} images: max |ours - TorchScript| = {err:.2e}, "
-          f"max feature {theirs.max():.3f}")
+    print(
+        f"shipped weights, {len(images)} images: max |ours - TorchScript| = {err:.2e}, max feature {theirs.max():.3f}"
+    )
     assert err < FEATURE_ATOL
 
 
@@ -320,7 +337,7 @@ def test_corrupted_source_is_refused(tmp_path, capsys):
         f.write(b"\0\0\0\0")
     with pytest.raises(inception.InceptionWeightsChecksumError, match="a16e4d89"):
         convert_inception.convert(source, str(tmp_path / "out.npz"), verbose=False)
-    assert convert_inception.main(["--source", source, "--out", str(tmp_path / "out.npz")]) == 1
+    assert convert_inception.main(["--source", source, "--out", str(tmp_path / "out.npz")]) == 2
     assert "sha1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out.npz")
 
@@ -373,8 +390,10 @@ def test_mnist_fid_equals_pytorch_fid(converted):
     theirs_fid = fid_score.calculate_frechet_distance(*theirs[0], *theirs[1])
     t2 = time.perf_counter()
 
-    print(f"MNIST FID train[:{FID_N}] vs test[:{FID_N}]: ours {ours_fid:.4f} ({t1 - t0:.0f}s), "
-          f"pytorch-fid {theirs_fid:.4f} ({t2 - t1:.0f}s), relative difference "
-          f"{abs(ours_fid - theirs_fid) / theirs_fid:.2e}; max |mu difference| "
-          f"{max(np.abs(ours[i][0] - theirs[i][0]).max() for i in range(2)):.2e}")
+    print(
+        f"MNIST FID train[:{FID_N}] vs test[:{FID_N}]: ours {ours_fid:.4f} ({t1 - t0:.0f}s), "
+        f"pytorch-fid {theirs_fid:.4f} ({t2 - t1:.0f}s), relative difference "
+        f"{abs(ours_fid - theirs_fid) / theirs_fid:.2e}; max |mu difference| "
+        f"{max(np.abs(ours[i][0] - theirs[i][0]).max() for i in range(2)):.2e}"
+    )
     assert ours_fid == pytest.approx(theirs_fid, rel=1e-3)

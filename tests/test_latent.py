@@ -8,14 +8,22 @@ import jax
 import numpy as np
 import pytest
 
-from research.config import ConfigError, base_config, get_config, validate_config
+from research.config import ConfigError, base_config
 from research.data import make_eval_arrays, to_model_range
-from research.latents import (LatentCacheSource, latent_cache, load_autoencoder, load_run_autoencoder,
-                              make_latent_fn, model_input_shape, resolve_latent_config)
+from research.latents import (
+    LatentCacheSource,
+    latent_cache,
+    load_autoencoder,
+    load_run_autoencoder,
+    make_latent_fn,
+    model_input_shape,
+    resolve_latent_config,
+)
 from research.models.dit import dit_model_config
 from research.sampling import Generator
+from research.tasks import get_config, validate_config
 from research.train.loop import train
-from tests.test_vae import make_tiny_vae_config
+from tests.factories import make_tiny_vae_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,13 +74,13 @@ def _leaves_equal(a, b):
 def test_model_input_shape_is_the_latent_shape(autoencoder_dir):
     config = latent_dit_config(autoencoder_dir)
     validate_config(config)
-    assert model_input_shape(config) == (4, 4, 2)          # read from the autoencoder's config.json
+    assert model_input_shape(config) == (4, 4, 2)  # read from the autoencoder's config.json
     config.latent.downsample_factor, config.latent.channels = 2, 2
-    assert model_input_shape(config) == (4, 4, 2)          # declared, no workdir needed
+    assert model_input_shape(config) == (4, 4, 2)  # declared, no workdir needed
     pixel = base_config()
     assert model_input_shape(pixel) == (8, 8, 1)
     imagenet = get_config(os.path.join(REPO, "configs", "dit_xl2_imagenet256.py"))
-    assert model_input_shape(imagenet) == (32, 32, 4)      # 256x256x3 pixels through an f8, 4-channel autoencoder
+    assert model_input_shape(imagenet) == (32, 32, 4)  # 256x256x3 pixels through an f8, 4-channel autoencoder
 
 
 def test_cache_holds_scaled_posterior_moments_and_matches_encoding_on_the_fly(autoencoder_dir):
@@ -93,8 +101,9 @@ def test_cache_holds_scaled_posterior_moments_and_matches_encoding_on_the_fly(au
     from_cache = make_latent_fn(ae, cached=True, seed=3)
     from_pixels = make_latent_fn(ae, cached=False, seed=3)
     for step in (0, 7):
-        np.testing.assert_allclose(np.asarray(from_cache(moments, step)), np.asarray(from_pixels(x, step)),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(from_cache(moments, step)), np.asarray(from_pixels(x, step)), rtol=1e-5, atol=1e-5
+        )
     z0, z1 = np.asarray(from_cache(moments, 0)), np.asarray(from_cache(moments, 1))
     assert np.abs(z0 - z1).max() > 1e-3  # every step a new posterior draw
     # With the scale applied, the latents are roughly unit variance (the scale was set on 256 training images).
@@ -111,9 +120,12 @@ def test_channel_normalization_standardises_each_latent_channel_and_inverts_exac
     np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
     np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1.0, rtol=1e-3)
     # The same affine map as the global scale up to per-channel constants: decoding inverts either exactly.
-    np.testing.assert_allclose(np.asarray(channel.decode_latents(channel.encode_to_latents(x[:16]))),
-                               np.asarray(scaled.decode_latents(scaled.encode_to_latents(x[:16]))),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(channel.decode_latents(channel.encode_to_latents(x[:16]))),
+        np.asarray(scaled.decode_latents(scaled.encode_to_latents(x[:16]))),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     with pytest.raises(ValueError, match="normalization='global'"):
         load_autoencoder(autoencoder_dir, normalization="global")
 
@@ -138,21 +150,25 @@ def test_latent_run_resumes_exactly_decodes_samples_and_records_its_autoencoder(
     workdir = str(tmp_path / "resumed")
     train(config, workdir, stop_at=2)
     resumed = train(config, workdir)
-    _leaves_equal(straight["state"].params, resumed["state"].params)
-    _leaves_equal(straight["state"].ema_params, resumed["state"].ema_params)
+    _leaves_equal(straight["state"].params["net"], resumed["state"].params["net"])
+    _leaves_equal(straight["state"].ema_params["net"], resumed["state"].ema_params["net"])
 
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)["latent"]
     assert saved["autoencoder"] == os.path.abspath(autoencoder_dir) and saved["step"] == 6
 
-    from research.sample import load_run
+    from research.loader import load_run
+
     run_config, model, params, _ = load_run(workdir)
     gen = Generator(model, run_config, batch_size=4)
     samples, labels, nfe = gen.generate(params, 6, seed=0, progress=False)
     assert samples.shape == (6, 8, 8, 1) and nfe == 5  # decoded pixels, not 4x4x2 latents
     # Decoding is the autoencoder's: re-running the sampler in latent space and decoding by hand agrees.
-    raw = np.asarray(gen._run(params, jax.random.fold_in(jax.random.PRNGKey(0), 0),
-                              jax.numpy.asarray(np.arange(4) % 10, np.int32)).samples)
+    raw = np.asarray(
+        gen._run(
+            params, jax.random.fold_in(jax.random.PRNGKey(0), 0), jax.numpy.asarray(np.arange(4) % 10, np.int32)
+        ).samples
+    )
     assert raw.shape == (4, 4, 4, 2)
     ae = load_autoencoder(autoencoder_dir)
     np.testing.assert_allclose(samples[:4], np.asarray(ae.decode_latents(raw)), rtol=1e-5, atol=1e-5)
@@ -161,7 +177,7 @@ def test_latent_run_resumes_exactly_decodes_samples_and_records_its_autoencoder(
 def test_on_the_fly_encoding_trains_like_the_cache(autoencoder_dir, tmp_path):
     cached = train(latent_dit_config(autoencoder_dir, cache=True), str(tmp_path / "cached"), stop_at=2)
     fly = train(latent_dit_config(autoencoder_dir, cache=False), str(tmp_path / "fly"), stop_at=2)
-    for a, b in zip(jax.tree.leaves(cached["state"].params), jax.tree.leaves(fly["state"].params)):
+    for a, b in zip(jax.tree.leaves(cached["state"].params["net"]), jax.tree.leaves(fly["state"].params["net"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
@@ -193,6 +209,7 @@ def test_latent_config_errors_name_the_fix(autoencoder_dir, tmp_path):
 
 # --- quality (slow) ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_latent_dit_samples_are_recognised_by_a_real_data_classifier(tmp_path):
     """Both stages of the latent recipe, end to end from scratch, at the scale CI affords: configs/vae_mnist.py:digits
@@ -203,21 +220,23 @@ def test_latent_dit_samples_are_recognised_by_a_real_data_classifier(tmp_path):
     Measured: accuracy 0.77, confident (p >= 0.9) 0.84, within-class spread 0.71-1.15 times that of real test
     digits; 4.5 min on two CPU cores. (The full MNIST recipe, 4000 steps on the 2000-step MNIST autoencoder, reaches
     0.608 / 0.694 with the MNIST classifier, README; at 15 min for 2000 steps it does not fit the CI budget.)"""
+    from research.loader import load_run
     from research.metrics.classifier import classifier_accuracy, get_domain_classifier
-    from research.sample import load_run
     from research.sampling import to_uint8
 
     quiet = [("train.sample_every", "0"), ("train.progress", "false")]
     ae_dir = str(tmp_path / "vae_digits")
     train(get_config(os.path.join(REPO, "configs", "vae_mnist.py:digits"), quiet), ae_dir)
-    config = get_config(os.path.join(REPO, "configs", "dit_mnist_latent.py:digits"),
-                        [("latent.autoencoder", ae_dir)] + quiet)
+    config = get_config(
+        os.path.join(REPO, "configs", "dit_mnist_latent.py:digits"), [("latent.autoencoder", ae_dir)] + quiet
+    )
     workdir = str(tmp_path / "dit_digits")
     train(config, workdir)
     run_config, model, params, _ = load_run(workdir)
     labels = np.arange(500) % 10
-    samples, _, nfe = Generator(model, run_config, batch_size=250).generate(params, 500, seed=1, labels=labels,
-                                                                            progress=False)
+    samples, _, nfe = Generator(model, run_config, batch_size=250).generate(
+        params, 500, seed=1, labels=labels, progress=False
+    )
     assert samples.shape == (500, 8, 8, 1) and nfe == 50
     images = to_uint8(samples, run_config.data.centered)
     probs = np.asarray(get_domain_classifier("digits", progress=False).probs(images, progress=False))

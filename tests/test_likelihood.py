@@ -55,11 +55,15 @@ def test_normal_kl_closed_form_and_monte_carlo():
     np.testing.assert_allclose(ours, _np_kl(m1, lv1, m2, lv2), rtol=1e-5, atol=1e-6)
     assert float(L.normal_kl(0.3, -1.0, 0.3, -1.0)) == 0.0
     # Broadcasting against scalars (the prior term uses N(0, 1)).
-    np.testing.assert_allclose(np.asarray(L.normal_kl(jnp.asarray(m1), jnp.asarray(lv1), 0.0, 0.0)),
-                               _np_kl(m1, lv1, 0.0, 0.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(L.normal_kl(jnp.asarray(m1), jnp.asarray(lv1), 0.0, 0.0)),
+        _np_kl(m1, lv1, 0.0, 0.0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
     # Monte-Carlo: KL = E_{x~N1}[log N1(x) - log N2(x)].
-    for (a, la, b, lb) in [(0.0, 0.0, 1.0, 0.5), (0.5, -1.0, -0.3, 0.2), (0.0, 0.3, 0.0, -0.4)]:
+    for a, la, b, lb in [(0.0, 0.0, 1.0, 0.5), (0.5, -1.0, -0.3, 0.2), (0.0, 0.3, 0.0, -0.4)]:
         x = a + np.exp(0.5 * la) * rng.standard_normal(2_000_000)
         diff = norm.logpdf(x, a, np.exp(0.5 * la)) - norm.logpdf(x, b, np.exp(0.5 * lb))
         se = diff.std() / math.sqrt(x.size)
@@ -73,7 +77,7 @@ def test_normal_kl_closed_form_and_monte_carlo():
 def test_discretized_loglik_matches_scipy_including_edges():
     rng = np.random.default_rng(1)
     n = 4000
-    x = (rng.integers(0, 256, n) / 255.0 * 2 - 1)
+    x = rng.integers(0, 256, n) / 255.0 * 2 - 1
     x[:200], x[200:400] = -1.0, 1.0  # plenty of edge bins
     mean = rng.uniform(-1.3, 1.3, n)
     log_std = rng.uniform(np.log(0.003), np.log(1.5), n)
@@ -81,23 +85,31 @@ def test_discretized_loglik_matches_scipy_including_edges():
 
     # float64: the formula itself, tightly (including the 1e-12 floor region).
     with jax.enable_x64(True):
-        ours64 = np.asarray(L.discretized_gaussian_log_likelihood(
-            jnp.asarray(x), jnp.asarray(mean), jnp.asarray(log_std), exact_cdf=True))
+        ours64 = np.asarray(
+            L.discretized_gaussian_log_likelihood(
+                jnp.asarray(x), jnp.asarray(mean), jnp.asarray(log_std), exact_cdf=True
+            )
+        )
     np.testing.assert_allclose(ours64, ref, rtol=1e-9, atol=1e-9)
     assert (ref <= math.log(1e-12) + 1e-9).any() and (ref > -5).any()  # both regimes exercised
 
     # float32: ordinary precision wherever the bin mass is not tiny.
-    ours32 = np.asarray(L.discretized_gaussian_log_likelihood(
-        jnp.asarray(x, jnp.float32), jnp.asarray(mean, jnp.float32), jnp.asarray(log_std, jnp.float32),
-        exact_cdf=True))
+    ours32 = np.asarray(
+        L.discretized_gaussian_log_likelihood(
+            jnp.asarray(x, jnp.float32),
+            jnp.asarray(mean, jnp.float32),
+            jnp.asarray(log_std, jnp.float32),
+            exact_cdf=True,
+        )
+    )
     ok = ref > math.log(1e-5)
     np.testing.assert_allclose(ours32[ok], ref[ok], atol=2e-3)
     # Edge bins specifically: P(x=-1) = Phi((-1 + 1/255 - mu)/s), P(x=1) = 1 - Phi((1 - 1/255 - mu)/s).
     mu, s = 0.2, 0.7
-    edge = np.asarray(L.discretized_gaussian_log_likelihood(
-        jnp.array([-1.0, 1.0]), mu, math.log(s), exact_cdf=True))
+    edge = np.asarray(L.discretized_gaussian_log_likelihood(jnp.array([-1.0, 1.0]), mu, math.log(s), exact_cdf=True))
     np.testing.assert_allclose(
-        edge, [norm.logcdf((-1 + 1 / 255 - mu) / s), norm.logsf((1 - 1 / 255 - mu) / s)], rtol=1e-5)
+        edge, [norm.logcdf((-1 + 1 / 255 - mu) / s), norm.logsf((1 - 1 / 255 - mu) / s)], rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -150,7 +162,8 @@ def test_oracle_bound_is_decoder_plus_prior(prediction, respaced):
     x0 = jnp.asarray(_grid_data(4))
     fn = _oracle_denoiser(sched, x0, prediction)
     res = jax.jit(lambda k: L.bits_per_dim(fn, sched, x0, k, prediction=prediction, var_type="fixed_small"))(
-        jax.random.PRNGKey(0))
+        jax.random.PRNGKey(0)
+    )
     S = sched.num_steps
     assert res["vlb_terms"].shape == (2, S) and res["mse"].shape == (2, S) and int(res["nfe"]) == S
     # Every KL term vanishes: same mean (true x0) and same variance (true posterior variance).
@@ -197,6 +210,7 @@ def test_vlb_terms_match_numpy_for_a_wrong_model():
             # tanh-approx CDF, as the default
             def cdf(z):
                 return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
             s = np.exp(0.5 * lv)
             hi = np.where(x0[b] > 0.999, np.inf, x0[b] + 1 / 255)
             lo = np.where(x0[b] < -0.999, -np.inf, x0[b] - 1 / 255)
@@ -278,11 +292,13 @@ def _check_hybrid_gradients():
     total, simple, vlb = L.hybrid_loss(sched, x0, t, noise, out, vlb_weight=w)
     assert total.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(total), np.asarray(simple + w * vlb), rtol=1e-12)
-    np.testing.assert_allclose(np.asarray(simple), np.asarray(D.simple_loss(sched, x0, t, noise, out[..., :C])),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(simple), np.asarray(D.simple_loss(sched, x0, t, noise, out[..., :C])), rtol=1e-12
+    )
     x_t = D.q_sample(sched, x0, t, noise)
-    np.testing.assert_allclose(np.asarray(vlb),
-                               sched.num_steps * np.asarray(L.vlb_terms(sched, x0, x_t, t, out)), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(vlb), sched.num_steps * np.asarray(L.vlb_terms(sched, x0, x_t, t, out)), rtol=1e-12
+    )
 
     g_total = jax.jit(jax.grad(lambda o: jnp.sum(L.hybrid_loss(sched, x0, t, noise, o, vlb_weight=w)[0])))(out)
     g_simple = jax.jit(jax.grad(lambda m: jnp.sum(D.simple_loss(sched, x0, t, noise, m))))(out[..., :C])
@@ -298,8 +314,9 @@ def _check_hybrid_gradients():
     # Pure L_vlb: no stop-gradient, S * L_t when rescaled.
     lv = L.vlb_loss(sched, x0, t, noise, out)
     np.testing.assert_allclose(np.asarray(lv), np.asarray(vlb), rtol=1e-12)
-    np.testing.assert_allclose(np.asarray(L.vlb_loss(sched, x0, t, noise, out, rescale=False)) * sched.num_steps,
-                               np.asarray(vlb), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(L.vlb_loss(sched, x0, t, noise, out, rescale=False)) * sched.num_steps, np.asarray(vlb), rtol=1e-12
+    )
     g_lv = jax.jit(jax.grad(lambda o: jnp.sum(L.vlb_loss(sched, x0, t, noise, o))))(out)
     np.testing.assert_allclose(np.asarray(g_lv), np.asarray(g_vlb), rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="2C"):
@@ -338,8 +355,11 @@ def test_importance_update_matches_sequential_reference():
         np.testing.assert_array_equal(np.minimum(np.asarray(state.counts), H), ref_c)
         for r in range(T):
             n = ref_c[r]
-            np.testing.assert_allclose(np.sort(np.asarray(state.history)[r, :n]) if n < H else
-                                       np.sort(np.asarray(state.history)[r]), np.sort(ref_h[r, :n]), rtol=1e-6)
+            np.testing.assert_allclose(
+                np.sort(np.asarray(state.history)[r, :n]) if n < H else np.sort(np.asarray(state.history)[r]),
+                np.sort(ref_h[r, :n]),
+                rtol=1e-6,
+            )
     assert state.history.dtype == jnp.float32 and state.counts.dtype == jnp.int32
     assert int(jnp.max(state.counts)) < 2 * H  # bounded, no overflow
 
@@ -411,23 +431,25 @@ def test_bits_per_dim_tiny_respaced_learned_range():
         return jnp.concatenate([0.3 * x_t * s, jnp.tanh(x_t + s)], axis=-1)
 
     key = jax.random.PRNGKey(3)
-    res = jax.jit(lambda k: L.bits_per_dim(fn, sched, x0, k, prediction="eps", var_type="learned_range",
-                                           cond=cond))(key)
+    res = jax.jit(lambda k: L.bits_per_dim(fn, sched, x0, k, prediction="eps", var_type="learned_range", cond=cond))(
+        key
+    )
     assert int(res["nfe"]) == S
     for k in ("vlb_terms", "mse", "x0_mse"):
         assert res[k].shape == (2, S)
     assert res["total"].shape == res["prior"].shape == (2,)
     assert np.all(np.isfinite(np.asarray(res["total"]))) and np.all(np.asarray(res["vlb_terms"]) >= 0)
-    np.testing.assert_allclose(np.asarray(res["total"]),
-                               np.asarray(res["vlb_terms"].sum(1) + res["prior"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(res["total"]), np.asarray(res["vlb_terms"].sum(1) + res["prior"]), rtol=1e-6)
     # Each column equals vlb_terms with noise fold_in(key, i) and the model at timesteps[i].
     for i in range(S):
         noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape)
         tb = jnp.full((2,), i, jnp.int32)
         x_t = D.q_sample(sched, x0, tb, noise)
         out = fn(x_t, jnp.full((2,), int(sched.timesteps[i]), jnp.int32), cond)
-        np.testing.assert_allclose(np.asarray(res["vlb_terms"][:, i]),
-                                   np.asarray(L.vlb_terms(sched, x0, x_t, tb, out)), rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(res["vlb_terms"][:, i]), np.asarray(L.vlb_terms(sched, x0, x_t, tb, out)), rtol=1e-5
+        )
         eps = D.interpret_output(sched, x_t, tb, out, var_type="learned_range").eps
-        np.testing.assert_allclose(np.asarray(res["mse"][:, i]),
-                                   np.asarray(jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))), rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(res["mse"][:, i]), np.asarray(jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))), rtol=1e-5
+        )

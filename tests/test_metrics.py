@@ -144,13 +144,13 @@ def test_frechet_distance_rejects_bad_inputs():
 def test_statistics_round_trip(tmp_path):
     mu, sigma = _random_statistics(np.random.default_rng(5), 50, 6)
     path = tmp_path / "stats.npz"
-    fid.save_statistics(str(path), mu, sigma, num=50, protocol="pytorch-fid", extractor="inception",
-                        dataset="mnist", split="test")
+    fid.save_statistics(
+        str(path), mu, sigma, num=50, protocol="pytorch-fid", extractor="inception", dataset="mnist", split="test"
+    )
     mu2, sigma2, meta = fid.load_statistics(str(path))
     np.testing.assert_array_equal(mu2, mu)
     np.testing.assert_array_equal(sigma2, sigma)
-    assert meta == {"num": 50, "protocol": "pytorch-fid", "extractor": "inception", "dataset": "mnist",
-                    "split": "test"}
+    assert meta == {"num": 50, "protocol": "pytorch-fid", "extractor": "inception", "dataset": "mnist", "split": "test"}
     # The exact name is kept (np.savez alone would append '.npz').
     fid.save_statistics(str(tmp_path / "stats.bin"), mu, sigma)
     assert (tmp_path / "stats.bin").is_file() and not (tmp_path / "stats.bin.npz").exists()

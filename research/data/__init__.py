@@ -1,6 +1,7 @@
 """Data sources and the training input pipeline."""
 
 from research.data.pipeline import (
+    IMAGE_FIELDS,
     from_model_range,
     make_eval_arrays,
     make_train_iterator,
@@ -18,6 +19,7 @@ from research.data.sources import (
     SyntheticSource,
     TfdsSource,
     get_source,
+    read_fields,
 )
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "DataError",
     "DigitsSource",
     "IDXSource",
+    "IMAGE_FIELDS",
     "SyntheticSource",
     "TfdsSource",
     "from_model_range",
@@ -35,5 +38,6 @@ __all__ = [
     "make_train_iterator",
     "peek_shape",
     "read_examples",
+    "read_fields",
     "to_model_range",
 ]

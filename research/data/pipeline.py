@@ -4,7 +4,7 @@ The training iterator is a grain pipeline over example *indices*:
 
     range(N) -> shuffle (reseeded every epoch) -> batch(global_B, drop_remainder)
              -> repeat() -> [random_map: flip mask for the global batch]
-             -> map: keep this process's slice, read pixels, scale
+             -> map: keep this process's slice, read every field, flip, scale
 
 Shuffling and flip decisions are made for the whole global batch before it is
 split across processes, so the union over processes of one step is exactly
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from research.data.sources import DataError, _field, get_source
+from research.data.sources import DataError, _field, get_source, read_fields
 
 if TYPE_CHECKING:
     import grain
@@ -31,7 +31,12 @@ __all__ = [
     "make_eval_arrays",
     "peek_shape",
     "read_examples",
+    "IMAGE_FIELDS",
 ]
+
+# Fields laid out like the image ([B, H, W, C]) that must stay pixel-aligned with it: the same horizontal flip per
+# example, and uint8 -> model-range scaling. A ControlNet hint is such a field; add new spatial fields here.
+IMAGE_FIELDS = ("image", "hint")
 
 
 def to_model_range(images_uint8: Any, *, centered: bool = True) -> np.ndarray:
@@ -47,26 +52,11 @@ def from_model_range(x: Any, *, centered: bool = True) -> np.ndarray:
     return np.round(np.clip(x, 0.0, 255.0)).astype(np.uint8)
 
 
-def _read_records(source: Any, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    records = [source[int(i)] for i in indices]
-    try:
-        images = np.stack([r["image"] for r in records])
-    except ValueError as e:
-        raise DataError(f"{source!r} returned images of different shapes in one batch: {e}") from e
-    labels = np.asarray([r["label"] for r in records], dtype=np.int32)
-    return images, labels
-
-
 def read_examples(source: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(images [N, H, W, C], labels int32 [N])`` of ``source`` at ``indices``, whatever the source kind
-    (in-memory arrays, a batch reader, or per-record access)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    if hasattr(source, "as_array"):
-        images, labels = source.as_array()
-        return images[indices], labels[indices]
-    if hasattr(source, "read_batch"):
-        return source.read_batch(indices)
-    return _read_records(source, indices)
+    """``(images [N, H, W, C], labels int32 [N])`` of ``source`` at ``indices``, whatever the source kind;
+    ``read_fields`` without the other fields."""
+    fields = read_fields(source, indices)
+    return fields["image"], fields["label"]
 
 
 def _indices_batch(items: Any) -> np.ndarray:
@@ -82,24 +72,34 @@ def _no_flips(indices: np.ndarray) -> tuple[np.ndarray, None]:
 
 
 class _LocalBatch:
-    """Turns a global batch of indices into this process's slice of pixel data."""
+    """Turns a global batch of indices into this process's slice of every field of the source."""
 
     def __init__(self, source: Any, start: int, stop: int, centered: bool) -> None:
         self.source, self.start, self.stop, self.centered = source, start, stop, centered
 
     def __call__(self, item: tuple[np.ndarray, np.ndarray | None]) -> dict[str, np.ndarray]:
         indices, flips = item
-        images, labels = read_examples(self.source, indices[self.start : self.stop])
+        fields = read_fields(self.source, indices[self.start : self.stop])
         if flips is not None:
             flips = flips[self.start : self.stop]
-            images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-        # uint8 pixels are scaled to the model range; float sources (cached latent moments) are already there.
-        if images.dtype == np.uint8:
-            images = to_model_range(images, centered=self.centered)
-        return {
-            "image": np.asarray(images, dtype=np.float32),
-            "label": labels.astype(np.int32, copy=False),
-        }
+        batch = {}
+        for name, value in fields.items():
+            if name in IMAGE_FIELDS:
+                if value.ndim != 4:
+                    raise DataError(
+                        f"{self.source!r} field {name!r} has shape {value.shape}; image-like fields must be "
+                        "[B, H, W, C]"
+                    )
+                if flips is not None:
+                    value = np.where(flips[:, None, None, None], value[:, :, ::-1], value)
+                # uint8 pixels are scaled to the model range; float sources (cached latent moments) are already there.
+                if value.dtype == np.uint8:
+                    value = to_model_range(value, centered=self.centered)
+                value = np.asarray(value, dtype=np.float32)
+            elif name == "label":
+                value = value.astype(np.int32, copy=False)
+            batch[name] = value
+        return batch
 
 
 def make_train_iterator(
@@ -114,12 +114,18 @@ def make_train_iterator(
 ) -> "grain.DatasetIterator":
     """Infinite, shuffled, checkpointable iterator of this process's training batches.
 
-    Yields ``{'image': float32 [B, H, W, C], 'label': int32 [B]}`` with
-    ``B = global_batch_size // process_count``; images are in [-1, 1], or
-    [0, 1] when ``data_config.centered`` is False. ``data_config.random_flip``
-    enables deterministic horizontal flips. Reading happens in the calling
-    thread unless ``data_config.num_threads`` > 0. ``source`` replaces the
-    configured one (e.g. a latent cache, research.latents.LatentCacheSource).
+    Yields every field of the source (see ``read_fields``), at least
+    ``{'image': float32 [B, H, W, C], 'label': int32 [B]}``, with
+    ``B = global_batch_size // process_count``. uint8 images are scaled to
+    [-1, 1], or [0, 1] when ``data_config.centered`` is False; float images
+    (latents) are only cast to float32. A ``'hint'`` field (``IMAGE_FIELDS``)
+    is treated exactly like the image: same scaling, and the same flip per
+    example. Other numeric fields pass through unchanged, text fields as numpy
+    str arrays [B] (host-side only: they cannot become jax arrays).
+    ``data_config.random_flip`` enables deterministic horizontal flips.
+    Reading happens in the calling thread unless ``data_config.num_threads``
+    > 0. ``source`` replaces the configured one (e.g. a latent cache,
+    research.latents.LatentCacheSource).
     """
     import grain
 
@@ -129,8 +135,7 @@ def make_train_iterator(
         raise ValueError(f"invalid process_index={process_index} for process_count={process_count}")
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of "
-            f"process_count={process_count}"
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}"
         )
     if source is None:
         source = get_source(data_config, split)

@@ -1,16 +1,20 @@
 """Random-access image data sources.
 
-Every source has ``len()`` and ``__getitem__(i)`` returning
-``{'image': np.uint8 [H, W, C], 'label': np.int32 scalar}``, plus
+Every source has ``len()`` and ``__getitem__(i)`` returning a dict of fields,
+at least ``{'image': np.uint8 [H, W, C], 'label': np.int32 scalar}``, plus any
+other per-example field the source provides (e.g. ``'caption'``: a ``str``,
+``'hint'``: a uint8 [H, W, C] conditioning image), and
 
 * ``image_shape``: ``(H, W, C)``, computed without loading the pixel data, so
   configs can be validated before anything expensive happens;
 * ``num_classes``: number of label values, or ``None`` when unknown.
 
-Sources whose whole split fits in memory also expose ``as_array()`` returning
-``(images uint8 [N, H, W, C], labels int32 [N])``, and generated sources expose
-``read_batch(indices)`` with the same result for a batch; the input pipeline
-uses either to build a batch without N Python-level record reads.
+A source may also implement ``read_fields(indices)`` returning the same fields
+for a whole batch (every value with leading dimension ``len(indices)``), so a
+batch is built without N Python-level record reads. Sources whose whole split
+fits in memory expose ``as_array()`` returning ``(images uint8 [N, H, W, C],
+labels int32 [N])`` too. ``read_fields(source, indices)`` in this module reads
+a batch from any source kind; see it for how fields are stacked and typed.
 
 Constructors only check that the files exist (cheap); pixel data is read on
 first access and cached on the instance.
@@ -38,6 +42,7 @@ __all__ = [
     "SOURCE_NAMES",
     "DATA_DIR_ENV",
     "get_source",
+    "read_fields",
 ]
 
 DATA_DIR_ENV = "RESEARCH_DATA_DIR"
@@ -105,6 +110,12 @@ class _ArraySource(abc.ABC):
 
     def __len__(self) -> int:
         return len(self.as_array()[1])
+
+    def read_fields(self, indices: Any) -> dict[str, np.ndarray]:
+        """``{'image': uint8 [B, H, W, C], 'label': int32 [B]}`` at ``indices`` (copies, not views)."""
+        images, labels = self.as_array()
+        indices = np.asarray(indices, dtype=np.int64)
+        return {"image": images[indices], "label": labels[indices]}
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         images, labels = self.as_array()
@@ -237,9 +248,7 @@ class IDXSource(_ArraySource):
             if os.path.isfile(path):
                 return path
         prefix = _IDX_PREFIX[self.split]
-        expected = ", ".join(
-            f"{prefix}-{kind}.gz" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
-        )
+        expected = ", ".join(f"{prefix}-{kind}.gz" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
         raise DataError(
             f"{self.dataset_name} files not found in {self.directory}: expected {expected} "
             f"(or the same names without .gz) for split {self.split!r}"
@@ -260,8 +269,7 @@ class IDXSource(_ArraySource):
         labels = _read_idx(self.labels_path, _IDX_LABELS_MAGIC)
         if len(images) != len(labels):
             raise DataError(
-                f"{self.images_path} has {len(images)} images but {self.labels_path} "
-                f"has {len(labels)} labels"
+                f"{self.images_path} has {len(images)} images but {self.labels_path} has {len(labels)} labels"
             )
         return images[..., None], labels
 
@@ -286,8 +294,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     reconstruction helpers.
     """
 
-    _ALLOWED_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray",
-                        "numpy.core.numeric", "numpy._core.numeric")
+    _ALLOWED_MODULES = (
+        "numpy",
+        "numpy.core.multiarray",
+        "numpy._core.multiarray",
+        "numpy.core.numeric",
+        "numpy._core.numeric",
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         if module in self._ALLOWED_MODULES:
@@ -449,7 +462,7 @@ class SyntheticSource:
 
     Pixels are a counter-based hash of ``(seed, index, position)``, so records
     need no stored array and a batch is generated with a few vectorised numpy
-    operations (``read_batch``) rather than one RNG per image.
+    operations (``read_fields``) rather than one RNG per image.
     """
 
     def __init__(self, num_examples: int, image_size: int, channels: int, num_classes: int = 10, seed: int = 0) -> None:
@@ -470,8 +483,8 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.num_examples
 
-    def read_batch(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(images uint8 [B,H,W,C], labels int32 [B])`` for the given indices."""
+    def read_fields(self, indices: Any) -> dict[str, np.ndarray]:
+        """``{'image': uint8 [B, H, W, C], 'label': int32 [B]}`` for the given indices."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
             raise IndexError(f"indices out of range for a source of length {self.num_examples}")
@@ -482,16 +495,100 @@ class SyntheticSource:
         noise = _splitmix64(counters + self._pixel_key)
         images = noise.astype("<u8", copy=False).view(np.uint8).reshape(len(indices), words * 8)[:, :pixels]
         labels = _splitmix64(idx[:, 0] + self._label_key) % np.uint64(self.num_classes)
-        return images.reshape((len(indices),) + self.image_shape), labels.astype(np.int32)
+        return {"image": images.reshape((len(indices),) + self.image_shape), "label": labels.astype(np.int32)}
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = _check_index(index, self.num_examples)
-        images, labels = self.read_batch([index])
-        return {"image": images[0], "label": labels[0]}
+        return {k: v[0] for k, v in self.read_fields([index]).items()}
 
     def __repr__(self) -> str:
-        return (f"SyntheticSource({self.num_examples}, image_shape={self.image_shape}, "
-                f"num_classes={self.num_classes}, seed={self.seed})")
+        return (
+            f"SyntheticSource({self.num_examples}, image_shape={self.image_shape}, "
+            f"num_classes={self.num_classes}, seed={self.seed})"
+        )
+
+
+# --------------------------------------------------------------------------- batched reading
+
+
+def _as_field(value: Any) -> np.ndarray:
+    """One field of a batch as an array; text becomes a numpy str array (dtype kind 'U')."""
+    array = np.asarray(value)
+    # A fast-path reader may hand back an object array of str; callers get one text dtype whatever the source.
+    if array.dtype == object and array.size and all(isinstance(v, str) for v in array.flat):
+        array = array.astype(str)
+    return array
+
+
+def _read_records(source: Any, indices: np.ndarray) -> dict[str, Any]:
+    if not len(indices):
+        raise DataError(f"{source!r} reads records one at a time and cannot describe an empty batch; pass indices")
+    records = [source[int(i)] for i in indices]
+    names = list(records[0])
+    for i, record in zip(indices, records):
+        if sorted(record) != sorted(names):
+            raise DataError(
+                f"{source!r} record {int(i)} has fields {sorted(record)} but record {int(indices[0])} has "
+                f"{sorted(names)}; every record of a source must have the same fields"
+            )
+    fields = {}
+    for name in names:
+        values = [record[name] for record in records]
+        if all(isinstance(v, (str, np.str_)) for v in values):
+            fields[name] = np.array(values, dtype=str)
+            continue
+        try:
+            fields[name] = np.stack([np.asarray(v) for v in values])
+        except ValueError as e:
+            raise DataError(f"{source!r} returned {name!r} fields of different shapes in one batch: {e}") from e
+    return fields
+
+
+def read_fields(source: Any, indices: Any) -> dict[str, np.ndarray]:
+    """Every field of ``source`` at ``indices``, as arrays with leading dimension ``B = len(indices)``.
+
+    Always holds ``'image'`` ([B, H, W, C], the source's dtype: uint8 pixels or float latents) and ``'label'``
+    (int32 [B]), plus each other field the source provides. Numeric fields are stacked ([B, ...]); text fields
+    (Python ``str`` per record) become numpy str arrays, dtype kind ``'U'`` (e.g. ``'<U12'``), never object
+    arrays, so ``list(batch['caption'])`` gives the strings back; ``bytes`` fields stay bytes (kind ``'S'``).
+
+    Sources are read through, in this order: their own ``read_fields(indices) -> dict`` (the fast path),
+    ``as_array() -> (images, labels)`` (whole split in memory), a tuple ``read_batch(indices) -> (images,
+    labels)`` (e.g. research.latents.LatentCacheSource), or one ``source[i]`` per index.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if hasattr(source, "read_fields"):
+        fields = source.read_fields(indices)
+        if not isinstance(fields, Mapping):
+            raise DataError(
+                f"{source!r}.read_fields returned {type(fields).__name__}; it must return a dict of fields "
+                "such as {'image': ..., 'label': ...}"
+            )
+    elif hasattr(source, "as_array"):
+        images, labels = source.as_array()
+        fields = {"image": images[indices], "label": labels[indices]}
+    elif hasattr(source, "read_batch"):
+        images, labels = source.read_batch(indices)
+        fields = {"image": images, "label": labels}
+    else:
+        fields = _read_records(source, indices)
+    missing = [name for name in ("image", "label") if name not in fields]
+    if missing:
+        raise DataError(
+            f"{source!r} gave fields {sorted(fields)} without {missing}; every source must provide 'image' and "
+            "'label' (use label 0 for unlabelled data)"
+        )
+    out = {}
+    for name, value in fields.items():
+        array = _as_field(value)
+        if array.ndim == 0 or len(array) != len(indices):
+            raise DataError(
+                f"{source!r} field {name!r} has shape {array.shape} for a batch of {len(indices)} indices; "
+                "every field needs the batch as its leading dimension"
+            )
+        out[name] = array
+    out["label"] = out["label"].astype(np.int32, copy=False)
+    return out
 
 
 # --------------------------------------------------------------------------- factory
@@ -533,25 +630,18 @@ def _check_shape(source: Any, data_config: Any, name: str) -> None:
         raise DataError(f"{source!r} has non-square {h}x{w} images; only square images are supported")
     size = _field(data_config, "image_size", None)
     if size is not None and int(size) != h:
-        raise DataError(
-            f"{name} images are {h}x{w}x{c} but data.image_size={size}; "
-            f"set --config.data.image_size={h}"
-        )
+        raise DataError(f"{name} images are {h}x{w}x{c} but data.image_size={size}; set --config.data.image_size={h}")
     channels = _field(data_config, "channels", None)
     if channels is not None and c is not None and int(channels) != c:
         raise DataError(
-            f"{name} images have {c} channel(s) but data.channels={channels}; "
-            f"set --config.data.channels={c}"
+            f"{name} images have {c} channel(s) but data.channels={channels}; set --config.data.channels={c}"
         )
     want = _field(data_config, "num_classes", None)
     have = getattr(source, "num_classes", None)
     # Fewer configured classes than labels would index past a class-embedding
     # table, which JAX clamps silently instead of failing.
     if want and have and int(want) < int(have):
-        raise DataError(
-            f"{name} has {have} classes but data.num_classes={want}; "
-            f"set --config.data.num_classes={have}"
-        )
+        raise DataError(f"{name} has {have} classes but data.num_classes={want}; set --config.data.num_classes={have}")
 
 
 def get_source(data_config: Any, split: str = "train", *, check_shape: bool = True):

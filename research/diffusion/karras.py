@@ -110,26 +110,6 @@ def edm_denoiser(raw_fn: RawNetworkFn, *, sigma_data: float = SIGMA_DATA) -> Sig
     return precondition(raw_fn, lambda s: edm_preconditioning(s, sigma_data=sigma_data))
 
 
-def edm_sample_sigma(key, shape, *, p_mean: float = -1.2, p_std: float = 1.2, dtype=jnp.float32):
-    """Training noise levels ln(sigma) ~ N(p_mean, p_std^2) (EDM Table 1)."""
-    return jnp.exp(p_mean + p_std * jax.random.normal(key, shape, dtype))
-
-
-def edm_loss_weight(sigma, *, sigma_data: float = SIGMA_DATA):
-    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2 (EDM Table 1)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
-def edm_raw_target(x0, x_noisy, sigma, *, sigma_data: float = SIGMA_DATA):
-    """Effective regression target of F: (x0 - c_skip x)/c_out (EDM eq. 8).
-
-    ||F - target||^2 equals lambda(sigma) ||D(x; sigma) - x0||^2, so the EDM loss is a plain MSE
-    on F. x0, x_noisy [B, ...]; sigma [B] or scalar.
-    """
-    c = edm_preconditioning(expand_sigma(sigma, x_noisy), sigma_data=sigma_data)
-    return (x0 - c.c_skip * x_noisy) / c.c_out
-
-
 # ------------------------------------------------------------------------------------ sigma grids
 
 
@@ -261,16 +241,6 @@ def heun_sample(
 # -------------------------------------------------------------------------- discrete VP <-> sigma
 
 
-def sigma_from_alpha_bar(alpha_bar):
-    """sigma = sqrt((1 - abar) / abar): the noise-to-signal ratio of x_t = sqrt(abar) x0 + sqrt(1-abar) eps."""
-    return np.sqrt((1.0 - np.asarray(alpha_bar, np.float64)) / np.asarray(alpha_bar, np.float64))
-
-
-def alpha_bar_from_sigma(sigma):
-    """abar = 1 / (1 + sigma^2), the inverse of `sigma_from_alpha_bar`."""
-    return 1.0 / (1.0 + np.asarray(sigma, np.float64) ** 2)
-
-
 def vp_sigmas(schedule: Schedule) -> np.ndarray:
     """sigma of every step of `schedule` (float64, increasing with the step index)."""
     return schedule.sqrt_recipm1_alphas_cumprod.copy()
@@ -285,11 +255,6 @@ def vp_sigma_range(schedule: Schedule) -> tuple[float, float]:
 def vp_to_sigma_space(x_t, sigma):
     """x = x_t / sqrt(abar) = x_t sqrt(1 + sigma^2): turns VP's x_t into x0 + sigma eps."""
     return x_t * jnp.sqrt(1.0 + expand_sigma(sigma, x_t) ** 2)
-
-
-def sigma_to_vp_space(x, sigma):
-    """x_t = x sqrt(abar) = x / sqrt(1 + sigma^2), the inverse of `vp_to_sigma_space`."""
-    return x * jax.lax.rsqrt(1.0 + expand_sigma(sigma, x) ** 2)
 
 
 def sigma_to_index(schedule: Schedule, sigma) -> jnp.ndarray:
@@ -367,14 +332,10 @@ __all__ = [
     "SIGMA_DATA",
     "SIGMA_MAX",
     "SIGMA_MIN",
-    "alpha_bar_from_sigma",
     "batch_sigma",
     "check_sigmas",
     "edm_denoiser",
-    "edm_loss_weight",
     "edm_preconditioning",
-    "edm_raw_target",
-    "edm_sample_sigma",
     "euler_sample",
     "euler_step",
     "expand_sigma",
@@ -383,9 +344,7 @@ __all__ = [
     "karras_sigmas",
     "ode_derivative",
     "precondition",
-    "sigma_from_alpha_bar",
     "sigma_to_index",
-    "sigma_to_vp_space",
     "snap_sigmas",
     "vp_denoiser",
     "vp_sigma_range",

@@ -233,9 +233,7 @@ def hybrid_loss(
     output = jnp.asarray(output)
     C = x0.shape[-1]
     if output.shape[-1] != 2 * C:
-        raise ValueError(
-            f"hybrid_loss needs a learned_range output with 2C={2 * C} channels, got shape {output.shape}"
-        )
+        raise ValueError(f"hybrid_loss needs a learned_range output with 2C={2 * C} channels, got shape {output.shape}")
     t = _batch_t(t, x0.shape[0])
     x_t = q_sample(schedule, x0, t, noise)
     simple = simple_loss(schedule, x0, t, noise, output[..., :C], prediction=prediction)
@@ -327,9 +325,7 @@ def importance_probs(state: ImportanceState, *, uniform_prob: float = DEFAULT_UN
     return jnp.where(use, p, jnp.full((T,), 1.0 / T, jnp.float32)), use
 
 
-def importance_sample(
-    state: ImportanceState, key, batch: int, *, uniform_prob: float = DEFAULT_UNIFORM_PROB
-):
+def importance_sample(state: ImportanceState, key, batch: int, *, uniform_prob: float = DEFAULT_UNIFORM_PROB):
     """Draw t [batch] int32 from `importance_probs` and weights [batch] float32 = 1 / (T p_t).
 
     Weighting each example's loss by w makes mean(w * L_t) an unbiased estimate of the uniform-t mean

@@ -77,9 +77,7 @@ def ddpm_step(
 
     i is the step index (scalar or [B]); no noise is added where i == 0. Returns x_{t-1}.
     """
-    pred = interpret_output(
-        schedule, x_t, i, output, prediction=prediction, var_type=var_type, clip_x0=clip_x0
-    )
+    pred = interpret_output(schedule, x_t, i, output, prediction=prediction, var_type=var_type, clip_x0=clip_x0)
     mean, _, _ = q_posterior(schedule, pred.x0, x_t, i)
     return mean + _step_mask(i, x_t) * jnp.exp(0.5 * pred.log_variance) * noise
 
@@ -109,9 +107,7 @@ def ddim_step(
     if var_type is not None:
         _check_var_type(var_type)
     interp_var = var_type if var_type in ("fixed_large", "learned_range") else "fixed_small"
-    pred = interpret_output(
-        schedule, x_t, i, output, prediction=prediction, var_type=interp_var, clip_x0=clip_x0
-    )
+    pred = interpret_output(schedule, x_t, i, output, prediction=prediction, var_type=interp_var, clip_x0=clip_x0)
     deterministic = _is_concrete(eta) and float(eta) == 0.0
     if noise is None and not deterministic:
         raise ValueError("ddim_step needs `noise` unless eta is exactly 0")
@@ -190,9 +186,7 @@ def ddpm_sample(
     _check_var_type(var_type)
 
     def step_fn(x, i, out, noise):
-        return ddpm_step(
-            schedule, x, i, out, noise=noise, prediction=prediction, var_type=var_type, clip_x0=clip_x0
-        )
+        return ddpm_step(schedule, x, i, out, noise=noise, prediction=prediction, var_type=var_type, clip_x0=clip_x0)
 
     return _run_chain(step_fn, denoise_fn, schedule, key, shape, cond, x_init, dtype, needs_noise=True)
 

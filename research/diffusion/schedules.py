@@ -203,9 +203,7 @@ def space_timesteps(num_timesteps: int, spec) -> list[int]:
             raise ValueError(f"explicit timesteps must be ints, got {spec!r}")
         indices = [int(v) for v in indices]
     else:
-        raise ValueError(
-            f"bad spacing {spec!r}: expected an int, 'ddimN', comma-separated indices, or a list of ints"
-        )
+        raise ValueError(f"bad spacing {spec!r}: expected an int, 'ddimN', comma-separated indices, or a list of ints")
 
     if not indices:
         raise ValueError("explicit timestep list is empty")

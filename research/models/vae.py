@@ -69,7 +69,8 @@ def check_autoencoder_resolution(hw: Sequence[int], num_levels: int) -> None:
         raise ValueError(
             f"image size {sizes} is not divisible by the autoencoder's downsampling factor f={factor} "
             f"(len(model.ch_mult) = {num_levels}); use fewer levels in model.ch_mult (f = 2 ** (levels - 1)) "
-            f"or a data set whose side is a multiple of {factor}")
+            f"or a data set whose side is a multiple of {factor}"
+        )
 
 
 class _Trunk(nn.Module):
@@ -86,12 +87,10 @@ class _Trunk(nn.Module):
     norm_eps: float
     dtype: Any
 
-
     def block_kwargs(self):
         """Keyword arguments of every ResBlock and AttentionBlock in the trunk."""
         res = dict(dropout=self.dropout, norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype)
-        attn = dict(num_heads=self.num_heads, norm_groups=self.norm_groups, norm_eps=self.norm_eps,
-                    dtype=self.dtype)
+        attn = dict(num_heads=self.num_heads, norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype)
         return res, attn
 
     def mid_block(self, h, res: dict, attn: dict, train: bool):
@@ -109,8 +108,9 @@ class Encoder(_Trunk):
     @nn.compact
     def __call__(self, x, *, train: bool):
         res, attn = self.block_kwargs()
-        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
-                    name="conv_in")(x.astype(self.dtype))
+        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv_in")(
+            x.astype(self.dtype)
+        )
         for level, mult in enumerate(self.ch_mult):
             for block in range(self.num_res_blocks):
                 h = ResBlock(self.ch * mult, name=f"down{level}_res{block}", **res)(h, train=train)
@@ -120,8 +120,9 @@ class Encoder(_Trunk):
                 h = Downsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"down{level}_down")(h)
         h = self.mid_block(h, res, attn, train)
         h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
-        return nn.Conv(2 * self.z_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
-                       name="conv_out")(h)
+        return nn.Conv(
+            2 * self.z_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv_out"
+        )(h)
 
 
 class Decoder(_Trunk):
@@ -132,8 +133,14 @@ class Decoder(_Trunk):
     @nn.compact
     def __call__(self, z, *, train: bool):
         res, attn = self.block_kwargs()
-        h = nn.Conv(self.ch * self.ch_mult[-1], (3, 3), padding="SAME", kernel_init=default_init,
-                    dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+        h = nn.Conv(
+            self.ch * self.ch_mult[-1],
+            (3, 3),
+            padding="SAME",
+            kernel_init=default_init,
+            dtype=self.dtype,
+            name="conv_in",
+        )(z.astype(self.dtype))
         h = self.mid_block(h, res, attn, train)
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for block in range(self.num_res_blocks + 1):
@@ -143,8 +150,9 @@ class Decoder(_Trunk):
             if level != 0:
                 h = Upsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"up{level}_up")(h)
         h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
-        return nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
-                       name="conv_out")(h)
+        return nn.Conv(
+            self.out_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv_out"
+        )(h)
 
 
 class AutoencoderKL(nn.Module):
@@ -172,10 +180,18 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.ch_mult) - 1)
 
     def setup(self):
-        shared = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                      attn_resolutions=tuple(self.attn_resolutions), num_heads=self.num_heads, dropout=self.dropout,
-                      resamp_with_conv=self.resamp_with_conv, norm_groups=self.norm_groups, norm_eps=self.norm_eps,
-                      dtype=self.dtype)
+        shared = dict(
+            ch=self.ch,
+            ch_mult=tuple(self.ch_mult),
+            num_res_blocks=self.num_res_blocks,
+            attn_resolutions=tuple(self.attn_resolutions),
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            resamp_with_conv=self.resamp_with_conv,
+            norm_groups=self.norm_groups,
+            norm_eps=self.norm_eps,
+            dtype=self.dtype,
+        )
         self.encoder = Encoder(z_channels=self.z_channels, **shared)
         self.decoder = Decoder(out_channels=self.out_channels, **shared)
         self.quant_conv = nn.Conv(2 * self.z_channels, (1, 1), kernel_init=default_init, dtype=self.dtype)
@@ -212,11 +228,12 @@ class PatchDiscriminator(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)  # pix2pix's N(0, 0.02) conv init
-        conv = lambda c, stride, name: nn.Conv(c, (4, 4), strides=(stride, stride), padding="SAME", kernel_init=init,
-                                               dtype=self.dtype, name=name)
+        conv = lambda c, stride, name: nn.Conv(
+            c, (4, 4), strides=(stride, stride), padding="SAME", kernel_init=init, dtype=self.dtype, name=name
+        )
         h = nn.leaky_relu(conv(self.ch, 2, "conv0")(x.astype(self.dtype)), 0.2)
         for i in range(1, self.num_layers + 1):
             stride = 2 if i < self.num_layers else 1
-            h = conv(self.ch * min(2 ** i, 8), stride, f"conv{i}")(h)
+            h = conv(self.ch * min(2**i, 8), stride, f"conv{i}")(h)
             h = nn.leaky_relu(GroupNorm(self.norm_groups, dtype=self.dtype, name=f"norm{i}")(h), 0.2)
         return conv(1, 1, "logits")(h).astype(jnp.float32)

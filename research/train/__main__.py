@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from research.config import ConfigError, base_config, config_help, get_config, parse_config_args
-
+from research.config import ConfigError, base_config, config_help, parse_config_args
+from research.tasks import get_config
 
 USAGE = __doc__
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         if "--workdir" in rest:
             i = rest.index("--workdir")
             workdir = rest[i + 1] if i + 1 < len(rest) else None
-            rest = rest[:i] + rest[i + 2:]
+            rest = rest[:i] + rest[i + 2 :]
         else:
             for arg in list(rest):
                 if arg.startswith("--workdir="):
@@ -46,15 +46,20 @@ def main(argv=None) -> int:
     logging.getLogger("research").setLevel(logging.INFO)
     try:
         from absl import logging as absl_logging
+
         absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:
         pass
     from research.data import DataError
-    from research.train.checkpoint import CheckpointMismatchError
+    from research.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError
     from research.train.loop import TrainingDiverged, train
+
     try:
         result = train(config, workdir)
-    except (ConfigError, DataError, CheckpointMismatchError, TrainingDiverged) as e:
+    except (ConfigError, DataError, CheckpointMismatchError, CheckpointDamagedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"finished at step {result['step']}; workdir: {workdir}")

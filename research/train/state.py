@@ -1,8 +1,15 @@
-"""Train state, optimizer and EMA."""
+"""One train state with named parts, the optimizers, and the optimizer + EMA update written once.
+
+Every task trains one or more named parts: 'net' (a diffusion network, an autoencoder, a few-step student),
+'disc' (a discriminator), 'image' + 'text' (CLIP towers). The state holds, per part, its parameters and its optax
+state, and an EMA copy for the parts that keep one. Parts that are not trained (a teacher, an autoencoder under a
+latent diffusion run) are not in the state at all: the trainer holds them as `frozen` and records where they came
+from (run path, step, sha256) in the checkpoint metadata, so checkpoints do not copy them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, Mapping, Optional
 
 import flax
 import jax
@@ -12,12 +19,37 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array          # int32 scalar: optimizer steps taken
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    rng: jax.Array           # raw uint32 [2] key; step k uses fold_in(rng, k), so resuming needs no RNG replay
-    t_sampler: Any = None    # loss-history buffer for importance-sampled t (diffusion.t_sampling='importance')
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Dict[str, Any]  # part -> parameters being trained
+    ema_params: Dict[str, Any]  # part -> EMA of its parameters (only the parts that keep one)
+    opt_state: Dict[str, Any]  # part -> optax state
+    rng: jax.Array  # raw uint32 [2] key; step k uses fold_in(rng, k), so resuming needs no RNG replay
+    extra: Any = None  # task-owned arrays that are not parameters (importance-sampling history, PD's
+    # round teacher, a consistency target network), checkpointed with the rest
+
+    def sampling_params(self, part: str = "net", use_ema: bool = True):
+        if use_ema and part in self.ema_params:
+            return self.ema_params[part]
+        return self.params[part]
+
+
+def init_train_state(
+    params: Mapping[str, Any],
+    txs: Mapping[str, optax.GradientTransformation],
+    seed: int,
+    *,
+    ema_parts=("net",),
+    extra=None,
+) -> TrainState:
+    params = dict(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params={p: params[p] for p in ema_parts if p in params},
+        opt_state={p: txs[p].init(v) for p, v in params.items()},
+        rng=jax.random.PRNGKey(seed),
+        extra=extra,
+    )
 
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
@@ -37,15 +69,52 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
     if optim_config.optimizer == "adam":
         parts.append(optax.adam(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps))
     else:
-        parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                                 weight_decay=optim_config.weight_decay))
+        parts.append(
+            optax.adamw(
+                schedule,
+                b1=optim_config.b1,
+                b2=optim_config.b2,
+                eps=optim_config.eps,
+                weight_decay=optim_config.weight_decay,
+            )
+        )
     return optax.chain(*parts)
 
 
-def init_train_state(params, tx: optax.GradientTransformation, seed: int, t_sampler=None) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed), t_sampler=t_sampler)
-
-
-def ema_update(ema_params, params, decay: float):
+def ema_update(ema_params, params, decay):
     return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, ema_params, params)
+
+
+def ema_decay_at(step, ema_decay: float, warmup: bool):
+    """Constant decay (DDPM), or with warmup min(decay, (1 + k) / (10 + k)) so a short run's EMA is not
+    dominated by its initialisation."""
+    if not warmup:
+        return jnp.asarray(ema_decay, jnp.float32)
+    k = jnp.asarray(step).astype(jnp.float32)
+    return jnp.minimum(ema_decay, (1.0 + k) / (10.0 + k))
+
+
+def apply_gradients(
+    state: TrainState,
+    grads: Mapping[str, Any],
+    txs: Mapping[str, optax.GradientTransformation],
+    ema_decay,
+    *,
+    step_increment: bool = True,
+    extra: Optional[Any] = None,
+    keep_extra: bool = True,
+) -> TrainState:
+    """One optimizer step for every part in `grads` (the others keep their parameters and optimizer state), then
+    the EMA of every part that keeps one, with `ema_decay` (a float or a traced scalar)."""
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    for part, g in grads.items():
+        updates, opt_state[part] = txs[part].update(g, state.opt_state[part], state.params[part])
+        params[part] = optax.apply_updates(state.params[part], updates)
+    ema = {part: ema_update(e, params[part], ema_decay) for part, e in state.ema_params.items()}
+    return state.replace(
+        step=state.step + 1 if step_increment else state.step,
+        params=params,
+        opt_state=opt_state,
+        ema_params=ema,
+        extra=state.extra if keep_extra else extra,
+    )

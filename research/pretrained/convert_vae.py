@@ -1,6 +1,6 @@
 """Import a diffusers-format KL autoencoder (e.g. a local copy of Stable Diffusion's VAE) as an autoencoder workdir.
 
-    python -m research.models.convert_vae --diffusers DIR --workdir runs/autoencoder_f8_imagenet256 \
+    python -m research.pretrained.convert_vae --diffusers DIR --workdir runs/autoencoder_f8_imagenet256 \
         --image-size 256 [--data-name tfds --tfds-name imagenet2012] [--scale 0.18215]
 
 DIR is a folder written by diffusers' `AutoencoderKL.save_pretrained` (config.json and
@@ -57,10 +57,14 @@ def model_fields(diffusers_config: dict) -> dict:
         kinds = set(c.get(key, ()))
         allowed = {"DownEncoderBlock2D"} if key == "down_block_types" else {"UpDecoderBlock2D"}
         if not kinds <= allowed:
-            raise ValueError(f"{key}={sorted(kinds)}: only the plain KL autoencoder layout ({sorted(allowed)}) is "
-                             f"supported")
-    if not c.get("mid_block_add_attention", True) or c.get("use_quant_conv", True) is False \
-            or c.get("use_post_quant_conv", True) is False:
+            raise ValueError(
+                f"{key}={sorted(kinds)}: only the plain KL autoencoder layout ({sorted(allowed)}) is supported"
+            )
+    if (
+        not c.get("mid_block_add_attention", True)
+        or c.get("use_quant_conv", True) is False
+        or c.get("use_post_quant_conv", True) is False
+    ):
         raise ValueError("autoencoders without mid-block attention or (post-)quant convolutions are not supported")
     if c.get("in_channels", 3) != c.get("out_channels", 3):
         raise ValueError(f"in_channels={c.get('in_channels')} != out_channels={c.get('out_channels')}")
@@ -68,10 +72,20 @@ def model_fields(diffusers_config: dict) -> dict:
     ch = chans[0]
     if any(x % ch for x in chans):
         raise ValueError(f"block_out_channels={chans} are not multiples of the first")
-    return dict(name="vae", ch=ch, ch_mult=tuple(x // ch for x in chans), num_res_blocks=int(c["layers_per_block"]),
-                z_channels=int(c["latent_channels"]), attn_resolutions=(), num_heads=1, dropout=0.0,
-                resamp_with_conv=True, norm_groups=int(c.get("norm_num_groups", 32)), norm_eps=1e-6,
-                dtype="float32")
+    return dict(
+        name="vae",
+        ch=ch,
+        ch_mult=tuple(x // ch for x in chans),
+        num_res_blocks=int(c["layers_per_block"]),
+        z_channels=int(c["latent_channels"]),
+        attn_resolutions=(),
+        num_heads=1,
+        dropout=0.0,
+        resamp_with_conv=True,
+        norm_groups=int(c.get("norm_num_groups", 32)),
+        norm_eps=1e-6,
+        dtype="float32",
+    )
 
 
 def port_state_dict(sd: Dict[str, np.ndarray], levels: int, blocks: int) -> dict:
@@ -84,26 +98,43 @@ def port_state_dict(sd: Dict[str, np.ndarray], levels: int, blocks: int) -> dict
         return {"kernel": w.reshape(w.shape[:2]).T, "bias": sd[p + ".bias"]}
 
     def res(p):
-        out = {"norm1": norm(p + ".norm1"), "conv1": conv(p + ".conv1"), "norm2": norm(p + ".norm2"),
-               "conv2": conv(p + ".conv2")}
+        out = {
+            "norm1": norm(p + ".norm1"),
+            "conv1": conv(p + ".conv1"),
+            "norm2": norm(p + ".norm2"),
+            "conv2": conv(p + ".conv2"),
+        }
         if p + ".conv_shortcut.weight" in sd:
             out["skip"] = dense(p + ".conv_shortcut")
         return out
 
     def attn(p):
         q, k, v = (dense(f"{p}.{n}") for n in ("to_q", "to_k", "to_v"))
-        qkv = {"kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], 1),
-               "bias": np.concatenate([q["bias"], k["bias"], v["bias"]])}
+        qkv = {
+            "kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], 1),
+            "bias": np.concatenate([q["bias"], k["bias"], v["bias"]]),
+        }
         return {"norm": norm(p + ".group_norm"), "qkv": qkv, "proj_out": dense(p + ".to_out.0")}
 
     def mid(p):
-        return {"mid_res0": res(p + ".resnets.0"), "mid_attn": attn(p + ".attentions.0"),
-                "mid_res1": res(p + ".resnets.1")}
+        return {
+            "mid_res0": res(p + ".resnets.0"),
+            "mid_attn": attn(p + ".attentions.0"),
+            "mid_res1": res(p + ".resnets.1"),
+        }
 
-    enc = {"conv_in": conv("encoder.conv_in"), "norm_out": norm("encoder.conv_norm_out"),
-           "conv_out": conv("encoder.conv_out"), **mid("encoder.mid_block")}
-    dec = {"conv_in": conv("decoder.conv_in"), "norm_out": norm("decoder.conv_norm_out"),
-           "conv_out": conv("decoder.conv_out"), **mid("decoder.mid_block")}
+    enc = {
+        "conv_in": conv("encoder.conv_in"),
+        "norm_out": norm("encoder.conv_norm_out"),
+        "conv_out": conv("encoder.conv_out"),
+        **mid("encoder.mid_block"),
+    }
+    dec = {
+        "conv_in": conv("decoder.conv_in"),
+        "norm_out": norm("decoder.conv_norm_out"),
+        "conv_out": conv("decoder.conv_out"),
+        **mid("decoder.mid_block"),
+    }
     for level in range(levels):
         for b in range(blocks):
             enc[f"down{level}_res{b}"] = res(f"encoder.down_blocks.{level}.resnets.{b}")
@@ -114,8 +145,12 @@ def port_state_dict(sd: Dict[str, np.ndarray], levels: int, blocks: int) -> dict
             dec[f"up{level}_res{b}"] = res(f"decoder.up_blocks.{up}.resnets.{b}")
         if level != 0:
             dec[f"up{level}_up"] = {"conv": conv(f"decoder.up_blocks.{up}.upsamplers.0.conv")}
-    tree = {"encoder": enc, "decoder": dec, "quant_conv": conv("quant_conv"),
-            "post_quant_conv": conv("post_quant_conv")}
+    tree = {
+        "encoder": enc,
+        "decoder": dec,
+        "quant_conv": conv("quant_conv"),
+        "post_quant_conv": conv("post_quant_conv"),
+    }
     return _map(lambda a: np.ascontiguousarray(a, np.float32), tree)
 
 
@@ -129,8 +164,9 @@ def read_diffusers_autoencoder(directory: str) -> tuple:
     weights = os.path.join(directory, "diffusion_pytorch_model.safetensors")
     for path in (cfg_path, weights):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: DIR must be a diffusers AutoencoderKL folder "
-                                    f"(save_pretrained with safetensors)")
+            raise FileNotFoundError(
+                f"{path} is missing: DIR must be a diffusers AutoencoderKL folder (save_pretrained with safetensors)"
+            )
     with open(cfg_path) as f:
         dconfig = json.load(f)
     fields = model_fields(dconfig)
@@ -138,17 +174,28 @@ def read_diffusers_autoencoder(directory: str) -> tuple:
     return fields, params, float(dconfig.get("scaling_factor", 0.18215)), int(dconfig.get("in_channels", 3))
 
 
-def write_autoencoder_workdir(workdir: str, fields: dict, params: Any, scale: float, *, image_size: int,
-                              channels: int, data: dict | None = None, source: str = "") -> str:
+def write_autoencoder_workdir(
+    workdir: str,
+    fields: dict,
+    params: Any,
+    scale: float,
+    *,
+    image_size: int,
+    channels: int,
+    data: dict | None = None,
+    source: str = "",
+) -> str:
     """A workdir that research.latents.load_autoencoder (and latent.autoencoder) reads: config.json, an orbax
     checkpoint at step 0 (params = EMA params = the given weights) and latent_scale.json with `scale`."""
     import jax
     import ml_collections
 
-    from research.config import base_config, validate_config
+    from research.config import base_config
     from research.latents import write_latent_scale
+    from research.run import write_run_files
+    from research.tasks import validate_config
     from research.train.checkpoint import Checkpointer
-    from research.train.loop import build_trainer, write_run_files
+    from research.train.loop import build_trainer
 
     config = base_config()
     config.task = "autoencoder"
@@ -160,13 +207,13 @@ def write_autoencoder_workdir(workdir: str, fields: dict, params: Any, scale: fl
     validate_config(config)
     trainer = build_trainer(config)
     state = trainer.init(jax.random.PRNGKey(0))
-    have = {k: v.shape for k, v in _flat(jax.device_get(state.params)).items()}
+    have = {k: v.shape for k, v in _flat(jax.device_get(state.params["net"])).items()}
     got = {k: v.shape for k, v in _flat(params).items()}
     if have != got:
         diff = sorted(set(have.items()) ^ set(got.items()))[:4]
         raise ValueError(f"the ported weights do not fit the architecture read from the config: {diff}")
-    placed = jax.device_put(params, trainer.state_sharding.params)
-    state = state.replace(params=placed, ema_params=placed)
+    placed = jax.device_put(params, trainer.state_sharding.params["net"])
+    state = state.replace(params={"net": placed}, ema_params={"net": placed})
     workdir = os.path.abspath(workdir)
     write_run_files(config, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
@@ -190,27 +237,62 @@ def _flat(tree, prefix=""):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from research.cli import ArgumentParser, UsageError, fail, positive_float, positive_int
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--diffusers", required=True, help="diffusers AutoencoderKL folder (save_pretrained)")
     p.add_argument("--workdir", required=True, help="autoencoder workdir to write")
-    p.add_argument("--image-size", type=int, required=True, help="pixel size the latent diffusion runs will use")
+    p.add_argument(
+        "--image-size", type=positive_int, required=True, help="pixel size the latent diffusion runs will use"
+    )
     p.add_argument("--data-name", default="tfds", help="data.name of those runs (checked against theirs)")
     p.add_argument("--tfds-name", default="", help="data.tfds_name, with --data-name tfds")
-    p.add_argument("--scale", type=float, default=None, help="latent scale (default: the config's scaling_factor)")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--scale", type=positive_float, default=None, help="latent scale (default: the config's scaling_factor)"
+    )
     try:
-        fields, params, scaling_factor, channels = read_diffusers_autoencoder(args.diffusers)
+        args = p.parse_args(argv)
+        if not os.path.exists(args.diffusers):
+            raise UsageError(f"--diffusers {args.diffusers} does not exist")
+        if not os.path.isdir(args.diffusers):
+            raise UsageError(
+                f"--diffusers {args.diffusers} is a file; give the folder AutoencoderKL.save_pretrained "
+                "wrote (config.json + diffusion_pytorch_model.safetensors)"
+            )
+        if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+            raise UsageError(f"--workdir {args.workdir} is a file; give a new folder")
+        if os.path.isdir(args.workdir) and os.listdir(args.workdir):
+            raise UsageError(f"--workdir {args.workdir} is not empty; give a new folder (or remove it)")
+    except UsageError as e:
+        return fail(e)
+    try:
+        try:
+            fields, params, scaling_factor, channels = read_diffusers_autoencoder(args.diffusers)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            # A malformed safetensors header or config: the parsers index into what they read.
+            raise ValueError(
+                f"{args.diffusers} is not a readable diffusers AutoencoderKL folder ({type(e).__name__}: {e})"
+            ) from None
         scale = scaling_factor if args.scale is None else args.scale
-        workdir = write_autoencoder_workdir(args.workdir, fields, params, scale, image_size=args.image_size,
-                                            channels=channels,
-                                            data={"name": args.data_name, "tfds_name": args.tfds_name},
-                                            source=f"{os.path.abspath(args.diffusers)}, scaling_factor")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"the config's scaling_factor is {scale}; give a positive --scale")
+        workdir = write_autoencoder_workdir(
+            args.workdir,
+            fields,
+            params,
+            scale,
+            image_size=args.image_size,
+            channels=channels,
+            data={"name": args.data_name, "tfds_name": args.tfds_name},
+            source=f"{os.path.abspath(args.diffusers)}, scaling_factor",
+        )
+    except (OSError, ValueError) as e:
+        return fail(e)
     f = 2 ** (len(fields["ch_mult"]) - 1)
-    print(f"wrote {workdir}: f{f}, {fields['z_channels']} latent channels, scale {scale:g}; use it with "
-          f"--config.latent.autoencoder={workdir}")
+    print(
+        f"wrote {workdir}: f{f}, {fields['z_channels']} latent channels, scale {scale:g}; use it with "
+        f"--config.latent.autoencoder={workdir}"
+    )
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Converters from released weights in local folders (diffusers / transformers, safetensors) to runs."""

@@ -1,0 +1,279 @@
+"""task='diffusion': a denoising network trained with the configured loss, in pixel or latent space.
+
+Loss (diffusion.loss):
+  simple  Ho et al.'s L_simple: unweighted MSE on the eps / x0 / v target.
+  hybrid  iDDPM's L_simple + vlb_weight * L_vlb; L_vlb sees the mean stop-gradiented, so it trains only
+          the variance head of a learned_range model.
+  vlb     L_vlb alone (iDDPM's rescaled KL), optionally with importance-sampled t (the loss history lives in
+          the state's `extra`).
+Conditioning: the batch's labels become `Cond(label=...)`; with diffusion.cond_drop_prob > 0 each example's
+condition is replaced by the null condition with that probability (classifier-free guidance training), for any
+backbone that has a null label (model.null_label).
+Latent diffusion (latent.autoencoder set): the autoencoder is a frozen part; the training split is encoded once to
+a cache (or every batch on the fly) and the batch's images become z ~ q(z|x) before the step; samples are decoded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research.cond import Cond, drop_condition
+from research.config import ConfigError
+from research.diffusion import gaussian, likelihood
+from research.sampling import schedule_from_config
+from research.shapes import build_network, latent_enabled
+from research.tasks import Samples, Task, Trainer, default_labels, register_task
+from research.tasks.common import abstract_net_params, compile_trainer, init_net_params, model_meta, validate_network
+from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
+
+# Salt of the condition-dropout key: fold_in(step key, salt), so runs without dropout keep their random streams.
+_COND_DROP_SALT = 0xC0D
+
+
+def conditional(config) -> bool:
+    return bool(config.model.get("num_classes", 0))
+
+
+def batch_cond(batch, config):
+    """The model's Cond for a training batch (None for an unconditional model)."""
+    return Cond(label=batch["label"]) if conditional(config) else None
+
+
+def make_loss_fn(model, schedule, config):
+    """loss(params, batch, rng, t_sampler_state) -> (scalar loss, aux dict with per-example terms)."""
+    dc = config.diffusion
+    prediction, loss_kind, var_type, vlb_weight = dc.prediction, dc.loss, dc.var_type, dc.vlb_weight
+    importance = dc.t_sampling == "importance"
+    num_steps = schedule.num_steps
+    drop_prob = float(dc.cond_drop_prob)
+    null_label = int(config.model.get("num_classes", 0))
+
+    def loss_fn(params, batch, rng, t_sampler_state):
+        x0 = batch["image"]
+        batch_size, channels = x0.shape[0], x0.shape[-1]
+        t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+        if importance:
+            t, weights = likelihood.importance_sample(t_sampler_state, t_rng, batch_size)
+        else:
+            t = jax.random.randint(t_rng, (batch_size,), 0, num_steps)
+            weights = jnp.ones((batch_size,), jnp.float32)
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+        x_t = gaussian.q_sample(schedule, x0, t, noise)
+        cond = batch_cond(batch, config)
+        if cond is not None and drop_prob > 0:
+            cond = drop_condition(cond, jax.random.fold_in(rng, _COND_DROP_SALT), drop_prob, null_label=null_label)
+        t_model = jnp.asarray(schedule.timesteps, jnp.int32)[t]
+        output = model.apply({"params": params}, x_t, t_model, cond, train=True, rngs={"dropout": dropout_rng})
+        aux = {}
+        if loss_kind == "simple":
+            per_example = gaussian.simple_loss(schedule, x0, t, noise, output[..., :channels], prediction)
+        elif loss_kind == "hybrid":
+            per_example, simple, vlb = likelihood.hybrid_loss(
+                schedule, x0, t, noise, output, prediction=prediction, vlb_weight=vlb_weight
+            )
+            aux = {"loss_simple": simple.mean(), "vlb_bpd_per_step": vlb.mean() / num_steps}
+        else:
+            per_example = likelihood.vlb_loss(schedule, x0, t, noise, output, prediction=prediction, var_type=var_type)
+        return jnp.mean(weights * per_example), {"per_example": per_example, "t": t, **aux}
+
+    return loss_fn
+
+
+def make_train_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: bool = False):
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        t_sampler = state.extra
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["net"], batch, rng, t_sampler)
+        if t_sampler is not None:
+            # The history holds unweighted losses: the sampling probabilities estimate E[L_t^2] per t.
+            t_sampler = likelihood.importance_update(t_sampler, aux["t"], jax.lax.stop_gradient(aux["per_example"]))
+        new_state = apply_gradients(
+            state,
+            {"net": grads},
+            txs,
+            ema_decay_at(state.step, ema_decay, ema_warmup),
+            keep_extra=False,
+            extra=t_sampler,
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(state.step),
+            **{k: v for k, v in aux.items() if k not in ("per_example", "t")},
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+@register_task("diffusion")
+class DiffusionTask(Task):
+    def validate(self, config) -> None:
+        validate_network(config)
+        d = config.diffusion
+        if not 0.0 <= d.cond_drop_prob < 1.0:
+            raise ConfigError(f"diffusion.cond_drop_prob={d.cond_drop_prob} must be in [0, 1)")
+        if d.cond_drop_prob > 0:
+            if not conditional(config):
+                raise ConfigError(
+                    "diffusion.cond_drop_prob > 0 drops the condition of a conditional model: set "
+                    "model.num_classes (or cond_drop_prob=0 for an unconditional model)"
+                )
+            if not config.model.get("null_label", False):
+                raise ConfigError(
+                    "diffusion.cond_drop_prob > 0 replaces labels by the null label: set "
+                    "model.null_label=True so the model has an embedding for it"
+                )
+        _validate_latent(config)
+
+    def resolve(self, config):
+        if not latent_enabled(config):
+            return config
+        from research.latents import resolve_latent_config
+
+        return resolve_latent_config(config)
+
+    def build_trainer(self, config, mesh) -> Trainer:
+        tc = config.train
+        model = build_network(config)
+        schedule = schedule_from_config(config.diffusion)
+        txs = {"net": make_optimizer(config.optim, tc.num_steps)}
+        lr_schedule = learning_rate_schedule(config.optim, tc.num_steps)
+        step_fn = make_train_step(make_loss_fn(model, schedule, config), txs, lr_schedule, tc.ema_decay, tc.ema_warmup)
+
+        def t_sampler():
+            if config.diffusion.t_sampling == "importance":
+                return likelihood.importance_init(schedule.num_steps)
+            return None
+
+        def init(key):
+            return init_train_state({"net": init_net_params(model, config, key)}, txs, config.seed, extra=t_sampler())
+
+        abstract = jax.eval_shape(
+            lambda p: init_train_state({"net": p}, txs, config.seed, extra=t_sampler()),
+            abstract_net_params(model, config),
+        )
+        meta = model_meta(config, abstract)
+        context = {}
+        if latent_enabled(config):
+            from research.latents import load_run_autoencoder, params_digest
+
+            ae = load_run_autoencoder(config)
+            context["autoencoder"] = ae
+            meta["frozen"] = {
+                "autoencoder": {
+                    "workdir": config.latent.autoencoder,
+                    "step": int(ae.step),
+                    "use_ema": bool(config.latent.use_ema),
+                    "sha256": params_digest(ae.params),
+                }
+            }
+        trainer = compile_trainer(config, mesh, model, abstract, init, step_fn, meta)
+        trainer.schedule, trainer.context = schedule, context
+        return trainer
+
+    def data_source(self, config, trainer):
+        if latent_enabled(config) and config.latent.cache:
+            from research.latents import latent_cache
+
+            return latent_cache(config, trainer.context["autoencoder"], "train", progress=config.train.progress)
+        return None
+
+    def batch_preparer(self, config, trainer):
+        if not latent_enabled(config):
+            return None
+        from research.latents import make_latent_fn
+
+        to_latents = make_latent_fn(
+            trainer.context["autoencoder"],
+            cached=bool(config.latent.cache),
+            seed=config.seed,
+            out_sharding=trainer.batch_sharding,
+        )
+
+        def prepare(batch, step):
+            arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}  # text fields are not used here
+            return dict(arrays, image=to_latents(batch["image"], step))
+
+        return prepare
+
+    def preview(self, config, trainer):
+        from research.images import save_grid
+        from research.sampling import Generator, to_uint8
+
+        holder = {}
+
+        def write(state, path):
+            if "generator" not in holder:
+                holder["generator"] = Generator(
+                    trainer.model,
+                    config,
+                    batch_size=min(config.sample.num, config.sample.batch_size),
+                    autoencoder=trainer.context.get("autoencoder"),
+                )
+            gen = holder["generator"]
+            params = state.sampling_params("net", config.sample.use_ema)
+            samples, _, _ = gen.generate(
+                params, min(config.sample.num, gen.batch_size), seed=config.seed, progress=False
+            )
+            return save_grid(to_uint8(samples, config.data.centered), path)
+
+        return write
+
+    def sampler(self, workdir, config, *, step=None, use_ema=True, sampler=None, steps=None, eta=None, batch_size=None):
+        from research.run import load_params
+        from research.sampling import Generator, to_uint8
+
+        _, params, step = load_params(workdir, step, use_ema=use_ema)
+        model = build_network(config)
+        num_classes = int(config.model.get("num_classes", 0))
+
+        def run(num, seed=0, progress=True):
+            gen = Generator(
+                model,
+                config,
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                batch_size=min(batch_size or config.sample.batch_size, num),
+            )
+            labels = default_labels(num, num_classes)
+            samples, _, nfe = gen.generate(
+                params, num, seed=seed, labels=labels if num_classes else None, progress=progress
+            )
+            steps_name = str(steps if steps is not None else config.sample.steps).replace(",", "-")
+            return Samples(
+                to_uint8(samples, config.data.centered),
+                labels,
+                nfe,
+                f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}_seed{seed}",
+                f"step {step} with {gen.sampler} ({gen.num_steps} steps, eta={gen.eta:g}, NFE={nfe})",
+            )
+
+        run.step = step
+        return run
+
+
+def _validate_latent(config) -> None:
+    lat = config.latent
+    if not lat.autoencoder:
+        return
+    for key in ("step", "downsample_factor", "channels"):
+        if lat[key] < 0:
+            raise ConfigError(f"latent.{key} must be >= 0, got {lat[key]}")
+    if lat.normalization not in ("scale", "channel"):
+        raise ConfigError(
+            f"latent.normalization={lat.normalization!r} is not valid; choose one of ['scale', 'channel']"
+        )
+    if config.sample.clip_x0:
+        raise ConfigError(
+            "latents are not bounded to [-1, 1], so clipping the x0 prediction would distort them: "
+            "set sample.clip_x0=False for a latent diffusion run"
+        )
+    if lat.cache and config.data.random_flip:
+        raise ConfigError(
+            "the latent cache stores the encodings of unflipped images: set latent.cache=False "
+            "(encode every batch, flips included) or data.random_flip=False"
+        )

@@ -1,0 +1,94 @@
+"""Tiny configs shared by the tests (imported by conftest's fixtures and by tests directly; not a test file).
+
+Every registered task has a factory in TASK_CONFIGS, so the parametrised tests over tasks (tests/test_tasks.py)
+cover a new task as soon as it is registered; a task without a factory fails there.
+Runs default to a one-device mesh (train.num_devices=1); the sharding tests ask for all 8 simulated devices.
+"""
+
+import ml_collections
+
+from research.config import base_config
+
+
+def make_tiny_config():
+    """A U-Net small enough to compile and train in seconds on digits (8x8)."""
+    c = base_config()
+    c.data.name = "digits"
+    c.model.ch = 16
+    c.model.ch_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attn_resolutions = (4,)
+    c.model.dropout = 0.1
+    c.model.norm_groups = 8
+    c.diffusion.timesteps = 100
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 2
+    c.train.batch_size = 16
+    c.train.num_steps = 6
+    c.train.log_every = 1
+    c.train.ckpt_every = 3
+    c.train.sample_every = 0
+    c.train.progress = False
+    c.train.num_devices = 1
+    c.sample.num = 8
+    c.sample.steps = "10"
+    return c
+
+
+def make_tiny_vae_config():
+    """f=2 autoencoder (8x8 digits -> 4x4x2) with a small PatchGAN that switches on at step 10 of 20."""
+    c = base_config()
+    c.task = "autoencoder"
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="vae",
+            ch=8,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            z_channels=2,
+            attn_resolutions=(),
+            num_heads=1,
+            dropout=0.0,
+            norm_groups=4,
+        )
+    )
+    c.autoencoder.disc_weight = 0.5
+    c.autoencoder.disc_start = 10
+    c.autoencoder.disc_lr = 1e-3
+    c.autoencoder.disc_ch = 8
+    c.autoencoder.disc_layers = 2
+    c.autoencoder.disc_norm_groups = 4
+    c.autoencoder.scale_num_images = 256
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 0
+    c.optim.grad_clip = 0.0
+    c.train.batch_size = 16
+    c.train.num_steps = 20
+    c.train.ema_decay = 0.9
+    c.train.log_every = 1
+    c.train.ckpt_every = 5
+    c.train.sample_every = 10
+    c.train.progress = False
+    c.train.num_devices = 1
+    c.sample.num = 16
+    return c
+
+
+def make_tiny_ct_config():
+    """Consistency training from scratch (no teacher) on the tiny U-Net: CM's curriculum with an EMA target."""
+    c = make_tiny_config()
+    c.task = "fewstep"
+    c.diffusion.prediction = "v"
+    c.fewstep.method = "ct"
+    c.fewstep.curriculum = "cm"
+    c.fewstep.s0, c.fewstep.s1 = 2, 8
+    return c
+
+
+def make_tiny_resume_configs():
+    """{task: (config, steps before the interruption)} for the parametrised resume and sharding tests. The
+    autoencoder is stopped before its discriminator starts and resumed across the switch."""
+    vae = make_tiny_vae_config()
+    vae.train.num_steps, vae.autoencoder.disc_start, vae.train.sample_every = 8, 4, 0
+    vae.train.ckpt_every = 3
+    return {"diffusion": (make_tiny_config(), 3), "autoencoder": (vae, 3), "fewstep": (make_tiny_ct_config(), 3)}
