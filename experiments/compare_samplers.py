@@ -9,7 +9,9 @@ differ only in the sampler), saves them (cells/<cell>.npz) and a grid (cells/<ce
 metric against the reference split (default: the run's dataset, train split, all images). eta applies to DDIM
 only. 'ddpm' is the ancestral sampler with the run's variance: for a fixed-small (posterior) variance it is
 exactly DDIM with eta=1 given the same noise, so those rows coincide. 'ddpm_large' is ancestral sampling with
-sigma_t^2 = beta_t (fixed-large), the DDIM paper's sigma-hat row (Song et al. 2021, Table 1). The FID floor
+sigma_t^2 = beta_t (fixed-large), the DDIM paper's sigma-hat row (Song et al. 2021, Table 1). 'dpm++2m',
+'dpm++3m', 'dpm++2s' and 'unipc' are the fast ODE solvers (research/diffusion/solvers.py) on the run's
+sample.grid (uniform by default), one network evaluation per step. The FID floor
 (--floor, default the dataset's test split, --num images, against the same reference) is the score of real
 held-out images, the best a sampler can reach at this sample count. When the test
 split is smaller than --num (digits: 297 images) the floor uses the whole split and the table's protocol line says
@@ -36,7 +38,7 @@ from typing import Optional
 import numpy as np
 
 METRICS = {"fid_inception": "inception", "fid_domain": "domain"}
-SAMPLERS = ("ddpm", "ddpm_large", "ddim")
+SAMPLERS = ("ddpm", "ddpm_large", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "unipc")
 
 
 def parse_list(text, cast):

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
             use_scale_shift_norm=False,
             resamp_with_conv=True,
             num_classes=0,
+            null_label=False,  # an extra label embedding row (index num_classes) for classifier-free guidance
             norm_groups=32,
             norm_eps=1e-6,
             dtype="float32",
@@ -112,9 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sample = ml_collections.ConfigDict(
         dict(
-            sampler="ddim",  # ddim | ddpm
+            sampler="ddim",  # ddim | ddpm | dpm++2m | dpm++3m | dpm++2s | unipc
             steps="50",  # count (evenly spaced), "ddimN" (DDIM stride), or "t1,t2,..." timesteps
             eta=0.0,
+            grid="uniform",  # the solvers' time grid for a step count: uniform (diffusers' linspace) | logsnr | karras
             num=64,
             batch_size=256,
             clip_x0=True,
@@ -376,7 +378,8 @@ _CHOICES = {
     "diffusion.t_sampling": ("uniform", "importance"),
     "optim.optimizer": ("adam", "adamw"),
     "optim.lr_schedule": ("constant", "cosine"),
-    "sample.sampler": ("ddpm", "ddim"),
+    "sample.sampler": ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "unipc"),  # = diffusion.samplers.SAMPLERS
+    "sample.grid": ("uniform", "logsnr", "karras"),
 }
 
 

@@ -196,7 +196,7 @@ def load_autoencoder(
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization={normalization!r}; choose one of {list(NORMALIZATIONS)}")
     config = read_config(workdir)
-    if config.model.name != "vae":  # refuse another kind of run before reading its weights
+    if config.task != "autoencoder" or config.model.name != "vae":  # refuse another run before reading weights
         raise ConfigError(
             f"{workdir} is a {config.task!r} run, not an autoencoder (task='autoencoder', e.g. configs/vae_mnist.py)"
         )
@@ -426,4 +426,9 @@ def make_latent_fn(ae: Autoencoder, *, cached: bool, seed: int, out_sharding=Non
         fn = jax.jit(from_moments, out_shardings=out_sharding)
         return lambda images, step: fn(images, jax.random.fold_in(base, step))
     fn = jax.jit(from_pixels, out_shardings=out_sharding)
-    return lambda images, step: fn(ae.params, images, jax.random.fold_in(base, step))
+    params = ae.params
+    if out_sharding is not None:  # the frozen autoencoder is replicated over the batch's mesh
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        params = jax.device_put(params, NamedSharding(out_sharding.mesh, PartitionSpec()))
+    return lambda images, step: fn(params, images, jax.random.fold_in(base, step))

@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from research.diffusion.samplers import SAMPLERS
+
 
 def _write_samples(out: str, name: str, images, labels, nfe: int, step: int) -> str:
     """OUT/name.png (grid of up to 256) and OUT/name.npz (images, labels, nfe, step); -> OUT/name."""
@@ -39,6 +41,10 @@ def _check_args(args) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eta is not None and not args.eta >= 0:
         raise ConfigError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM's posterior variance), got {args.eta}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ConfigError(f"--guidance must be >= 0 (1: no guidance; s = 1 + w), got {args.guidance}")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.step is not None and args.step < 0:
         raise ConfigError(f"--step must be a checkpoint step >= 0, got {args.step}")
     if not os.path.isdir(args.workdir):
@@ -49,7 +55,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="ddpm, ddim, or a fast ODE solver")
     p.add_argument("--steps", default=None, help="50 (even spacing), ddim50 (DDIM stride) or a comma list")
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--num", type=int, default=64)
@@ -57,6 +63,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale s = 1 + w in diffusers' sense (1: none; the paper's w is s - 1)",
+    )
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale (0: off)")
+    p.add_argument("--grid", choices=("uniform", "logsnr", "karras"), default=None, help="a solver's time grid")
     args = p.parse_args(argv)
 
     from research.config import ConfigError
@@ -75,6 +89,9 @@ def main(argv=None) -> int:
             steps=args.steps,
             eta=args.eta,
             batch_size=args.batch_size,
+            guidance=args.guidance,
+            guidance_rescale=args.guidance_rescale,
+            grid=args.grid,
         )
         t0 = time.time()
         result = run(args.num, seed=args.seed)

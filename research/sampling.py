@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from research.cond import Cond
 from research.diffusion import samplers
+from research.diffusion.guidance import guided_denoiser
 from research.diffusion.schedules import Schedule, make_schedule, respace, space_timesteps
 from research.shapes import latent_enabled, model_input_shape
 
@@ -77,14 +78,31 @@ class Generator:
         batch_size: Optional[int] = None,
         clip_x0: Optional[bool] = None,
         autoencoder=None,
+        guidance: Optional[float] = None,
+        guidance_rescale: float = 0.0,
+        grid: Optional[str] = None,
     ):
+        """guidance: classifier-free guidance scale in diffusers' sense, s = 1 + w (1 or None: no guidance); needs
+        a class-conditional model trained with condition dropout (model.null_label). guidance_rescale: diffusers'
+        guidance_rescale (std matching of the guided prediction, 0 disables)."""
         s = config.sample
         self.config = config
         self.sampler = sampler or s.sampler
         self.eta = s.eta if eta is None else eta
         self.batch_size = batch_size or s.batch_size
-        self.schedule = sampling_schedule(schedule_from_config(config.diffusion), s.steps if steps is None else steps)
-        self.num_steps = self.schedule.num_steps
+        steps = s.steps if steps is None else steps
+        full = schedule_from_config(config.diffusion)
+        count = parse_steps(steps)
+        solver = self.sampler not in ("ddpm", "ddim")
+        kwargs = {}
+        if solver and isinstance(count, int):
+            # The solvers build their own N-step grid on the training schedule (diffusers' grids), uniform in t,
+            # in log-SNR or Karras' sigmas (sample.grid); an explicit timestep list runs on the respaced schedule.
+            self.schedule, self.num_steps = full, count
+            kwargs.update(steps=count, grid=grid or s.grid)
+        else:
+            self.schedule = sampling_schedule(full, steps)
+            self.num_steps = self.schedule.num_steps
         self.conditional = bool(config.model.get("num_classes", 0))
         shape = (self.batch_size, *model_input_shape(config))
         # Latent diffusion: samples are drawn in latent space and decoded by the run's autoencoder (the trainer
@@ -94,7 +112,7 @@ class Generator:
             from research.latents import load_run_autoencoder
 
             self.autoencoder = load_run_autoencoder(config)
-        kwargs = dict(prediction=config.diffusion.prediction, clip_x0=s.clip_x0 if clip_x0 is None else clip_x0)
+        kwargs.update(prediction=config.diffusion.prediction, clip_x0=s.clip_x0 if clip_x0 is None else clip_x0)
         if self.sampler == "ddim":
             kwargs["eta"] = self.eta
             if config.diffusion.var_type == "learned_range":
@@ -102,10 +120,35 @@ class Generator:
         else:
             kwargs["var_type"] = config.diffusion.var_type
         schedule, name = self.schedule, self.sampler
+        self.guidance = None if guidance is None or float(guidance) == 1.0 else float(guidance)
+        if self.guidance is not None:
+            if not self.conditional or not config.model.get("null_label", False):
+                raise ValueError(
+                    "classifier-free guidance needs a class-conditional model trained with condition dropout "
+                    "(model.num_classes > 0, model.null_label=True, diffusion.cond_drop_prob > 0); this run has none"
+                )
+            if not self.guidance >= 0:
+                raise ValueError(f"the guidance scale must be >= 0 (1: no guidance), got {guidance}")
+        null_label, channels = int(config.model.get("num_classes", 0)), shape[-1]
+
+        def denoiser(params, labels):
+            base = make_denoiser(model, params)
+            if self.guidance is None:
+                return base
+            null = Cond(label=jnp.full_like(labels, null_label))
+            return guided_denoiser(
+                base,
+                null,
+                scale=self.guidance,
+                prediction=config.diffusion.prediction,
+                schedule=schedule,
+                channels=channels,
+                rescale=guidance_rescale,
+            )
 
         def run(params, key, labels):
             cond = None if labels is None else Cond(label=labels)
-            return samplers.sample(name, make_denoiser(model, params), schedule, key, shape, cond=cond, **kwargs)
+            return samplers.sample(name, denoiser(params, labels), schedule, key, shape, cond=cond, **kwargs)
 
         self._run = jax.jit(run)
 

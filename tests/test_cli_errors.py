@@ -271,7 +271,7 @@ def test_evaluate_edge_values(files, trained_run, capsys, argv, needle):
         (["--config", "{f}/missing.py"], "does not exist"),
         (["--config", "{f}/empty_dir"], "is a folder"),
         (["--config", "{f}/notes.txt"], "not a Python config file"),
-        (["--config", "{f}/broken.py"], "SyntaxError"),
+        (["--config", "{f}/broken.py"], "syntax error at line 1"),
         (["--config", "configs/quickstart.py", "--config.model.nosuchkey=3"], "nosuchkey"),
         (["--config", "configs/quickstart.py", "--config.diffusion.timesteps=-5"], "timesteps"),
         (["--config", "configs/quickstart.py", "extra"], "unexpected extra"),

@@ -11,11 +11,12 @@ Randomness: `key` is split once into (init_key, noise_key). x_T = normal(init_ke
 injected at step index i is normal(fold_in(noise_key, i)). Both samplers share this derivation, so
 DDIM with eta=1 on a full schedule reproduces DDPM (fixed_small) draw for draw, and a deterministic
 DDIM run depends on the key only through x_T.
+
+`sample` also dispatches to the fast ODE solvers of research.diffusion.solvers (DPM-Solver++ 2M/3M/2S, UniPC),
+which draw x_T the same way.
 """
 
 from __future__ import annotations
-
-from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,22 +29,11 @@ from research.diffusion.gaussian import (
     interpret_output,
     q_posterior,
 )
+from research.diffusion.sampling_common import DenoiseFn, SampleResult, split_sample_key
 from research.diffusion.schedules import Schedule
+from research.diffusion.solvers import dpm_solver_pp_sample, dpm_solver_pp_singlestep_sample, unipc_sample
 
-SAMPLERS = ("ddpm", "ddim")
-
-DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
-
-
-class SampleResult(NamedTuple):
-    samples: jnp.ndarray
-    nfe: jnp.ndarray  # int32 scalar: number of denoise_fn calls actually made in the loop
-
-
-def split_sample_key(key):
-    """(init_key, noise_key) used by every sampler; exposed so callers can reproduce x_T."""
-    init_key, noise_key = jax.random.split(key)
-    return init_key, noise_key
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "unipc")
 
 
 def step_noise(noise_key, i, shape, dtype=jnp.float32):
@@ -225,11 +215,23 @@ def ddim_sample(
 
 
 def sample(name: str, denoise_fn: DenoiseFn, schedule: Schedule, key, shape, **kw) -> SampleResult:
-    """Dispatch to `ddpm_sample` or `ddim_sample` by name; extra keywords go to the sampler."""
+    """Dispatch by name; extra keywords go to the sampler.
+
+    'ddpm' -> `ddpm_sample`, 'ddim' -> `ddim_sample`; 'dpm++2m' / 'dpm++3m' -> `dpm_solver_pp_sample` with
+    order 2 / 3, 'dpm++2s' -> `dpm_solver_pp_singlestep_sample` (order 2), 'unipc' -> `unipc_sample` (all three
+    from research.diffusion.solvers). The solvers default to every step of `schedule` (steps=None, e.g. a respaced
+    schedule as is); pass steps= with the full training schedule for diffusers' grids.
+    """
     if name == "ddpm":
         return ddpm_sample(denoise_fn, schedule, key, shape, **kw)
     if name == "ddim":
         return ddim_sample(denoise_fn, schedule, key, shape, **kw)
+    if name == "unipc":
+        return unipc_sample(denoise_fn, schedule, key, shape, **kw)
+    if name == "dpm++2s":
+        return dpm_solver_pp_singlestep_sample(denoise_fn, schedule, key, shape, order=2, **kw)
+    if name in ("dpm++2m", "dpm++3m"):
+        return dpm_solver_pp_sample(denoise_fn, schedule, key, shape, order=2 if name == "dpm++2m" else 3, **kw)
     raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")
 
 

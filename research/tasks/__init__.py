@@ -156,9 +156,23 @@ class Task:
         """Called once when the run reaches train.num_steps (also after a resume that finishes it)."""
 
     def sampler(
-        self, workdir: str, config, *, step=None, use_ema=True, sampler=None, steps=None, eta=None, batch_size=None
+        self,
+        workdir: str,
+        config,
+        *,
+        step=None,
+        use_ema=True,
+        sampler=None,
+        steps=None,
+        eta=None,
+        batch_size=None,
+        guidance=None,
+        guidance_rescale=0.0,
+        grid=None,
     ):
-        """A callable (num, seed, progress) -> Samples for `research.sample`; ConfigError when the task has none."""
+        """A callable (num, seed, progress) -> Samples for `research.sample`; ConfigError when the task has none.
+        Options a task cannot honour (a sampler name for a few-step student, guidance without a null condition)
+        are refused with a ConfigError, never ignored."""
         raise ConfigError(f"{workdir} holds a {self.name!r} run, which has no sampler")
 
 

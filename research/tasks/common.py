@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 
 def validate_network(config) -> None:
     """The network builds from config.model and accepts the input the config gives it."""
+    if config.model.name == "vae":
+        raise ConfigError(
+            f"task={config.task!r} with model.name='vae': an autoencoder is trained by task='autoencoder' (see "
+            f"configs/vae_mnist.py); a denoising network is a 'unet' or a 'dit'"
+        )
     height, width, channels = model_input_shape(config)
     build_network(config)
     what = (

@@ -222,12 +222,38 @@ class DiffusionTask(Task):
 
         return write
 
-    def sampler(self, workdir, config, *, step=None, use_ema=True, sampler=None, steps=None, eta=None, batch_size=None):
-        from research.run import load_params
+    def sampler(
+        self,
+        workdir,
+        config,
+        *,
+        step=None,
+        use_ema=True,
+        sampler=None,
+        steps=None,
+        eta=None,
+        batch_size=None,
+        guidance=None,
+        guidance_rescale=0.0,
+        grid=None,
+    ):
+        from research.loader import load_run
         from research.sampling import Generator, to_uint8
 
-        _, params, step = load_params(workdir, step, use_ema=use_ema)
-        model = build_network(config)
+        name = sampler or config.sample.sampler
+        if eta is not None and name != "ddim":
+            raise ConfigError(f"--eta is DDIM's; the {name!r} sampler has none (drop --eta or use --sampler ddim)")
+        if grid is not None and name in ("ddpm", "ddim"):
+            raise ConfigError(f"--grid picks a solver's time grid; {name!r} runs on --steps (drop --grid)")
+        if steps is not None:
+            from research.sampling import sampling_schedule
+
+            try:
+                sampling_schedule(schedule_from_config(config.diffusion), steps)
+            except ValueError as e:
+                raise ConfigError(f"--steps {steps}: {e}") from None
+
+        _, model, params, step = load_run(workdir, step, use_ema=use_ema)
         num_classes = int(config.model.get("num_classes", 0))
 
         def run(num, seed=0, progress=True):
@@ -238,17 +264,23 @@ class DiffusionTask(Task):
                 steps=steps,
                 eta=eta,
                 batch_size=min(batch_size or config.sample.batch_size, num),
+                guidance=guidance,
+                guidance_rescale=guidance_rescale,
+                grid=grid,
             )
             labels = default_labels(num, num_classes)
             samples, _, nfe = gen.generate(
                 params, num, seed=seed, labels=labels if num_classes else None, progress=progress
             )
             steps_name = str(steps if steps is not None else config.sample.steps).replace(",", "-")
+            guided = f"_cfg{gen.guidance:g}" if gen.guidance is not None else ""
+            if name not in ("ddpm", "ddim"):
+                guided = f"_{grid or config.sample.grid}{guided}"
             return Samples(
                 to_uint8(samples, config.data.centered),
                 labels,
                 nfe,
-                f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}_seed{seed}",
+                f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}{guided}_seed{seed}",
                 f"step {step} with {gen.sampler} ({gen.num_steps} steps, eta={gen.eta:g}, NFE={nfe})",
             )
 

@@ -537,12 +537,22 @@ class FewstepTask(Task):
             params = init_net_params(model, config, key)
             return make_state(params, params)
 
+        def init_from_teacher(trainer):
+            """init reads the teacher from disk (pd) or holds it (cd), so the state is built by a jitted function of
+            the teacher's arrays: its outputs are distinct buffers (student, EMA, target), as donation needs."""
+            make = jax.jit(make_state, out_shardings=trainer.state_sharding)
+
+            def init_state(key):
+                teacher = frozen["teacher"] if "teacher" in frozen else load_teacher(config)[0]
+                return make(teacher, teacher)
+
+            return init_state
+
         if f.method == "pd":
             trainer = compile_trainer(
                 config, mesh, model, abstract_state, lambda key: init(key), lambda state, batch: (state, {}), meta
             )
-            # init reads the teacher from disk, so it runs eagerly and is placed with the state's shardings.
-            trainer.init = lambda key: jax.device_put(init(key), trainer.state_sharding)
+            trainer.init = init_from_teacher(trainer)
             state_sh, batch_sh = trainer.state_sharding, trainer.batch_sharding
             spr, rounds = f.pd_steps_per_round, pd_round_count(config)
             programs = {}
@@ -577,7 +587,7 @@ class FewstepTask(Task):
                 step_extra_args=(frozen_sh, None, None),
             )
             if has_teacher(config):
-                trainer.init = lambda key: jax.device_put(init(key), trainer.state_sharding)
+                trainer.init = init_from_teacher(trainer)
             program = trainer.step
             frozen_on_mesh = jax.device_put(frozen, frozen_sh)
 
@@ -592,13 +602,29 @@ class FewstepTask(Task):
     def preview(self, config, trainer):
         return FewstepPreview(config, trainer.model)
 
-    def sampler(self, workdir, config, *, step=None, use_ema=True, sampler=None, steps=None, eta=None, batch_size=None):
+    def sampler(
+        self,
+        workdir,
+        config,
+        *,
+        step=None,
+        use_ema=True,
+        sampler=None,
+        steps=None,
+        eta=None,
+        batch_size=None,
+        guidance=None,
+        guidance_rescale=0.0,
+        grid=None,
+    ):
         """--steps k picks PD's k-step round checkpoint (default: the last round) or the number of consistency
         steps (default fewstep.sample_steps); sampled with the student's own sampler."""
-        if sampler is not None or eta is not None:
+        if guidance is not None and float(guidance) != 1.0:
+            raise ConfigError("a few-step student samples without classifier-free guidance: drop --guidance")
+        if sampler is not None or eta is not None or grid is not None:
             raise ConfigError(
                 "a few-step student has its own sampler (DDIM on its grid for pd, consistency sampling "
-                "for cd/ct): drop --sampler / --eta"
+                "for cd/ct): drop --sampler / --eta / --grid"
             )
         f = config.fewstep
         default = f.pd_final_steps if f.method == "pd" else f.sample_steps
@@ -634,9 +660,9 @@ def load_student(workdir: str, steps: Optional[int] = None, use_ema: bool = True
     config = read_config(workdir)
     if config.fewstep.method == "pd" and steps is not None and step is None:
         step = student_checkpoint_step(config, steps)
-    step = resolve_step(workdir, step)
-    _, params, step = load_params(workdir, step, use_ema=use_ema)
-    return config, build_network(config), params, step
+    from research.loader import load_run
+
+    return load_run(workdir, resolve_step(workdir, step), use_ema=use_ema)
 
 
 def _validate_fewstep(config) -> None:
