@@ -1,5 +1,6 @@
 """python -m research.sample --workdir RUN [--step N] [--sampler ddim|ddpm] [--steps 50|ddim50|t1,t2,..]
                            [--eta 0.0] [--num 64] [--seed 0] [--batch-size 256] [--no-ema] [--out DIR]
+                           [--guidance S] [--classifier RUN --classifier-scale S]
 
 Loads the run's config and checkpoint (the newest, or --step), draws samples with the sampler of the run's task
 and writes
@@ -7,6 +8,8 @@ and writes
   OUT/<name>.npz  (images uint8 [N, H, W, C], labels [N] (-1 for unconditional models), nfe, step)
 OUT defaults to RUN/samples. A diffusion run samples with DDPM or DDIM on any respacing; a few-step run with its
 student's own sampler (`--steps k` picks the k-step student); an autoencoder run has no sampler.
+--classifier RUN guides a diffusion run with a noise-aware classifier run trained on the same schedule (Dhariwal &
+Nichol 2021, with any sampler): the samples' classes cycle 0, 1, ..., K-1, also for an unconditional model.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ def _check_args(args) -> None:
         raise ConfigError(f"--guidance must be >= 0 (1: no guidance; s = 1 + w), got {args.guidance}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise ConfigError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if not args.classifier_scale >= 0:
+        raise ConfigError(f"--classifier-scale must be >= 0 (0: no guidance), got {args.classifier_scale}")
+    if args.classifier is None and args.classifier_scale != 1.0:
+        raise ConfigError("--classifier-scale needs --classifier RUN (a noise-aware classifier run)")
+    if args.classifier is not None and not os.path.isdir(args.classifier):
+        raise ConfigError(f"--classifier {args.classifier} does not exist")
     if args.step is not None and args.step < 0:
         raise ConfigError(f"--step must be a checkpoint step >= 0, got {args.step}")
     if not os.path.isdir(args.workdir):
@@ -71,6 +80,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale (0: off)")
     p.add_argument("--grid", choices=("uniform", "logsnr", "karras"), default=None, help="a solver's time grid")
+    p.add_argument("--classifier", default=None, help="a noise-aware classifier run for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="the classifier guidance scale s (0: none)")
     args = p.parse_args(argv)
 
     from research.config import ConfigError
@@ -92,6 +103,8 @@ def main(argv=None) -> int:
             guidance=args.guidance,
             guidance_rescale=args.guidance_rescale,
             grid=args.grid,
+            # passed only when given, so a task whose sampler predates the option is unaffected
+            **({"classifier": args.classifier, "classifier_scale": args.classifier_scale} if args.classifier else {}),
         )
         t0 = time.time()
         result = run(args.num, seed=args.seed)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from research.cond import Cond
 from research.diffusion import samplers
+from research.diffusion.classifier_guidance import classifier_guided_denoiser, log_prob_from_logits, log_prob_grad
 from research.diffusion.guidance import guided_denoiser
 from research.diffusion.schedules import Schedule, make_schedule, respace, space_timesteps
 from research.shapes import latent_enabled, model_input_shape
@@ -81,10 +82,15 @@ class Generator:
         guidance: Optional[float] = None,
         guidance_rescale: float = 0.0,
         grid: Optional[str] = None,
+        classifier=None,
     ):
         """guidance: classifier-free guidance scale in diffusers' sense, s = 1 + w (1 or None: no guidance); needs
         a class-conditional model trained with condition dropout (model.null_label). guidance_rescale: diffusers'
-        guidance_rescale (std matching of the guided prediction, 0 disables)."""
+        guidance_rescale (std matching of the guided prediction, 0 disables).
+        classifier: (model, params, scale) of a noise-aware classifier (task 'noisy_classifier', trained on this
+        run's schedule) for classifier guidance (Dhariwal & Nichol 2021, the eps-shift form, every sampler): eps is
+        shifted by -sqrt(1 - abar) * scale * grad_x log p(y | x_t); scale 0 or None disables. The classes y are the
+        labels passed to generate (default: 0, 1, ..., K-1 cycling), also for an unconditional diffusion model."""
         s = config.sample
         self.config = config
         self.sampler = sampler or s.sampler
@@ -130,25 +136,46 @@ class Generator:
             if not self.guidance >= 0:
                 raise ValueError(f"the guidance scale must be >= 0 (1: no guidance), got {guidance}")
         null_label, channels = int(config.model.get("num_classes", 0)), shape[-1]
+        clf_model, self._classifier_params, clf_scale = classifier if classifier is not None else (None, None, None)
+        self.classifier_scale = None if clf_scale is None or float(clf_scale) == 0.0 else float(clf_scale)
+        if self.classifier_scale is not None:
+            if not np.isfinite(self.classifier_scale) or self.classifier_scale < 0:
+                raise ValueError(f"the classifier guidance scale must be >= 0 (0: none), got {clf_scale}")
+            self.classifier_classes = int(clf_model.num_classes)
+        conditional = self.conditional
 
-        def denoiser(params, labels):
+        def denoiser(params, labels, clf_params):
             base = make_denoiser(model, params)
-            if self.guidance is None:
+            if not conditional:
+                # Labels travel in cond for a classifier only; an unconditional network gets none.
+                unconditional = base
+                base = lambda x_t, t, cond: unconditional(x_t, t, None)  # noqa: E731
+            if self.guidance is not None:
+                null = Cond(label=jnp.full_like(labels, null_label))
+                base = guided_denoiser(
+                    base,
+                    null,
+                    scale=self.guidance,
+                    prediction=config.diffusion.prediction,
+                    schedule=schedule,
+                    channels=channels,
+                    rescale=guidance_rescale,
+                )
+            if self.classifier_scale is None:
                 return base
-            null = Cond(label=jnp.full_like(labels, null_label))
-            return guided_denoiser(
+            logits = lambda x_t, t: clf_model.apply({"params": clf_params}, x_t, t, None, train=False)  # noqa: E731
+            return classifier_guided_denoiser(
                 base,
-                null,
-                scale=self.guidance,
-                prediction=config.diffusion.prediction,
-                schedule=schedule,
-                channels=channels,
-                rescale=guidance_rescale,
+                log_prob_grad(log_prob_from_logits(logits)),
+                schedule,
+                self.classifier_scale,
+                config.diffusion.prediction,
             )
 
-        def run(params, key, labels):
+        def run(params, key, labels, clf_params):
             cond = None if labels is None else Cond(label=labels)
-            return samplers.sample(name, denoiser(params, labels), schedule, key, shape, cond=cond, **kwargs)
+            denoise = denoiser(params, labels, clf_params)
+            return samplers.sample(name, denoise, schedule, key, shape, cond=cond, **kwargs)
 
         self._run = jax.jit(run)
 
@@ -157,6 +184,8 @@ class Generator:
         run's samples are decoded to pixels."""
         if self.conditional and labels is None:
             labels = np.arange(num) % self.config.model.num_classes
+        if self.classifier_scale is not None and labels is None:
+            labels = np.arange(num) % self.classifier_classes
         base = jax.random.PRNGKey(seed)
         out, nfe = [], None
         batches = math.ceil(num / self.batch_size)
@@ -167,7 +196,7 @@ class Generator:
             if labels is not None:
                 chunk = np.asarray(labels[b * self.batch_size : (b + 1) * self.batch_size], np.int32)
                 lab = jnp.asarray(np.resize(chunk, self.batch_size))  # pad the last batch by repetition
-            result = self._run(params, jax.random.fold_in(base, b), lab)
+            result = self._run(params, jax.random.fold_in(base, b), lab, self._classifier_params)
             samples = result.samples
             if self.autoencoder is not None:
                 samples = self.autoencoder.decode_latents(samples)

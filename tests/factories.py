@@ -85,10 +85,38 @@ def make_tiny_ct_config():
     return c
 
 
+def make_tiny_classifier_config():
+    """ADM's noise-aware classifier on digits (8x8): the tiny U-Net's encoder half and attention pooling, 10 classes,
+    on the tiny diffusion config's schedule (so it could guide make_tiny_config's model)."""
+    c = make_tiny_config()
+    c.task = "noisy_classifier"
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="half_unet",
+            num_classes=10,
+            ch=16,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(4,),
+            num_heads=1,
+            dropout=0.1,
+            pool="attention",
+            norm_groups=8,
+        )
+    )
+    c.data.num_classes = 10
+    return c
+
+
 def make_tiny_resume_configs():
     """{task: (config, steps before the interruption)} for the parametrised resume and sharding tests. The
     autoencoder is stopped before its discriminator starts and resumed across the switch."""
     vae = make_tiny_vae_config()
     vae.train.num_steps, vae.autoencoder.disc_start, vae.train.sample_every = 8, 4, 0
     vae.train.ckpt_every = 3
-    return {"diffusion": (make_tiny_config(), 3), "autoencoder": (vae, 3), "fewstep": (make_tiny_ct_config(), 3)}
+    return {
+        "diffusion": (make_tiny_config(), 3),
+        "autoencoder": (vae, 3),
+        "fewstep": (make_tiny_ct_config(), 3),
+        "noisy_classifier": (make_tiny_classifier_config(), 3),
+    }

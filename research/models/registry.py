@@ -33,6 +33,15 @@ def _dit():
     return DiT
 
 
+@register_model("half_unet")
+def _half_unet():
+    # ADM's noise-aware classifier; build_model's out_channels (the image channels) is accepted and ignored: its
+    # output size is model.num_classes.
+    from research.models.classifier import HalfUNet
+
+    return HalfUNet
+
+
 @register_model("vae")
 def _vae():
     from research.models.vae import AutoencoderKL
@@ -95,6 +104,11 @@ def check_input_shape(model_config, shape) -> None:
             cfg.get("patch_size", 0),
         )
         check_input_size((height, width), arch[3])
+    elif name == "half_unet":
+        from research.models.classifier import check_classifier_resolution
+
+        check_classifier_resolution((height, width), len(cfg["ch_mult"]))
+        _check_group_norm(cfg, len(cfg["ch_mult"]))
     elif name == "vae":
         from research.models.vae import check_autoencoder_resolution
 

@@ -169,10 +169,12 @@ class Task:
         guidance=None,
         guidance_rescale=0.0,
         grid=None,
+        classifier=None,
+        classifier_scale=0.0,
     ):
         """A callable (num, seed, progress) -> Samples for `research.sample`; ConfigError when the task has none.
-        Options a task cannot honour (a sampler name for a few-step student, guidance without a null condition)
-        are refused with a ConfigError, never ignored."""
+        Options a task cannot honour (a sampler name for a few-step student, guidance without a null condition,
+        a classifier workdir for classifier guidance) are refused with a ConfigError, never ignored."""
         raise ConfigError(f"{workdir} holds a {self.name!r} run, which has no sampler")
 
 

@@ -236,6 +236,8 @@ class DiffusionTask(Task):
         guidance=None,
         guidance_rescale=0.0,
         grid=None,
+        classifier=None,
+        classifier_scale=0.0,
     ):
         from research.loader import load_run
         from research.sampling import Generator, to_uint8
@@ -255,6 +257,9 @@ class DiffusionTask(Task):
 
         _, model, params, step = load_run(workdir, step, use_ema=use_ema)
         num_classes = int(config.model.get("num_classes", 0))
+        guide = _load_classifier(classifier, classifier_scale, config, num_classes, use_ema)
+        if guide is not None:
+            num_classes = int(guide[0].num_classes)
 
         def run(num, seed=0, progress=True):
             gen = Generator(
@@ -267,6 +272,7 @@ class DiffusionTask(Task):
                 guidance=guidance,
                 guidance_rescale=guidance_rescale,
                 grid=grid,
+                classifier=guide,
             )
             labels = default_labels(num, num_classes)
             samples, _, nfe = gen.generate(
@@ -274,6 +280,8 @@ class DiffusionTask(Task):
             )
             steps_name = str(steps if steps is not None else config.sample.steps).replace(",", "-")
             guided = f"_cfg{gen.guidance:g}" if gen.guidance is not None else ""
+            if gen.classifier_scale is not None:
+                guided += f"_clf{gen.classifier_scale:g}"
             if name not in ("ddpm", "ddim"):
                 guided = f"_{grid or config.sample.grid}{guided}"
             return Samples(
@@ -286,6 +294,39 @@ class DiffusionTask(Task):
 
         run.step = step
         return run
+
+
+def _load_classifier(classifier, scale, config, num_classes: int, use_ema: bool):
+    """(model, params, scale) of a noise-aware classifier run for classifier guidance, or None without one."""
+    if classifier is None:
+        return None
+    from research.loader import load_run
+    from research.run import read_config
+
+    if not scale >= 0:
+        raise ConfigError(f"--classifier-scale must be >= 0 (0: no guidance), got {scale}")
+    clf_config = read_config(classifier)
+    if clf_config.task != "noisy_classifier":
+        raise ConfigError(f"--classifier {classifier} is a {clf_config.task!r} run, not a noisy_classifier run")
+    if latent_enabled(config):
+        raise ConfigError("classifier guidance of a latent diffusion run is not supported (the classifier sees pixels)")
+    ours, theirs = schedule_from_config(config.diffusion), schedule_from_config(clf_config.diffusion)
+    if ours.num_steps != theirs.num_steps or not (ours.alphas_cumprod == theirs.alphas_cumprod).all():
+        raise ConfigError(
+            f"--classifier {classifier} was trained on the {clf_config.diffusion.schedule!r} schedule with "
+            f"T={clf_config.diffusion.timesteps}, this run on {config.diffusion.schedule!r} with "
+            f"T={config.diffusion.timesteps}: train the classifier with this run's diffusion section"
+        )
+    if tuple(clf_config.data.to_dict()[k] for k in ("image_size", "channels")) != (
+        config.data.image_size,
+        config.data.channels,
+    ):
+        raise ConfigError(f"--classifier {classifier} classifies other images than this run generates")
+    k = int(clf_config.model.num_classes)
+    if num_classes and k != num_classes:
+        raise ConfigError(f"--classifier {classifier} has {k} classes but this run's model has {num_classes}")
+    _, clf_model, clf_params, _ = load_run(classifier, None, use_ema=use_ema)
+    return clf_model, clf_params, float(scale)
 
 
 def _validate_latent(config) -> None:

@@ -616,11 +616,15 @@ class FewstepTask(Task):
         guidance=None,
         guidance_rescale=0.0,
         grid=None,
+        classifier=None,
+        classifier_scale=0.0,
     ):
         """--steps k picks PD's k-step round checkpoint (default: the last round) or the number of consistency
         steps (default fewstep.sample_steps); sampled with the student's own sampler."""
         if guidance is not None and float(guidance) != 1.0:
             raise ConfigError("a few-step student samples without classifier-free guidance: drop --guidance")
+        if classifier is not None:
+            raise ConfigError("a few-step student samples without classifier guidance: drop --classifier")
         if sampler is not None or eta is not None or grid is not None:
             raise ConfigError(
                 "a few-step student has its own sampler (DDIM on its grid for pd, consistency sampling "
