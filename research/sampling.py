@@ -172,7 +172,7 @@ class Generator:
                 config.diffusion.prediction,
             )
 
-        def run(params, key, labels, clf_params):
+        def run(params, key, labels, clf_params=None):
             cond = None if labels is None else Cond(label=labels)
             denoise = denoiser(params, labels, clf_params)
             return samplers.sample(name, denoise, schedule, key, shape, cond=cond, **kwargs)
