@@ -22,15 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from research.cond import as_cond, check_supported
-from research.models.layers import (
-    AttentionBlock,
-    Downsample,
-    GroupNorm,
-    ResBlock,
-    attention,
-    default_init,
-    timestep_embedding,
-)
+from research.models.layers import GroupNorm, attention, default_init
+from research.models.unet import check_resolution, encoder, time_embedding
 
 POOLS = ("attention", "mean")
 
@@ -97,39 +90,10 @@ class HalfUNet(nn.Module):
             raise ValueError(f"HalfUNet needs num_classes >= 1, got {self.num_classes}")
         if self.pool not in POOLS:
             raise ValueError(f"model.pool={self.pool!r} is not valid; choose one of {list(POOLS)}")
-        check_classifier_resolution(x.shape[1:3], len(self.ch_mult))
-        emb_dim = 4 * self.ch
-        emb = timestep_embedding(t, self.ch)
-        emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense0")(emb)
-        emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense1")(nn.silu(emb))
-        res = dict(
-            dropout=self.dropout,
-            use_scale_shift_norm=self.use_scale_shift_norm,
-            norm_groups=self.norm_groups,
-            norm_eps=self.norm_eps,
-            dtype=self.dtype,
-        )
-        attn = dict(
-            num_heads=self.num_heads,
-            head_channels=self.head_channels,
-            norm_groups=self.norm_groups,
-            norm_eps=self.norm_eps,
-            dtype=self.dtype,
-        )
-        # Parameter names match the U-Net's encoder, so a diffusion run's encoder could initialise one.
-        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv_in")(
-            x.astype(self.dtype)
-        )
-        for level, mult in enumerate(self.ch_mult):
-            for block in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, name=f"down{level}_res{block}", **res)(h, emb, train=train)
-                if h.shape[1] in self.attn_resolutions:
-                    h = AttentionBlock(name=f"down{level}_attn{block}", **attn)(h)
-            if level != len(self.ch_mult) - 1:
-                h = Downsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"down{level}_down")(h)
-        h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, emb, train=train)
-        h = AttentionBlock(name="mid_attn", **attn)(h)
-        h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, emb, train=train)
+        check_resolution(x.shape[1:3], len(self.ch_mult))
+        # The U-Net's time embedding and encoder with its parameter names, so a diffusion run's encoder could
+        # initialise one.
+        h, _ = encoder(self, x, time_embedding(self, t), train)
 
         h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
         if self.pool == "attention":
@@ -141,16 +105,3 @@ class HalfUNet(nn.Module):
                 h.mean(axis=(1, 2))
             )
         return logits.astype(jnp.float32)
-
-
-def check_classifier_resolution(hw: Sequence[int], num_levels: int) -> None:
-    """Raise ValueError naming the fix when H or W cannot be halved num_levels - 1 times."""
-    factor = 2 ** (num_levels - 1)
-    bad = [s for s in hw if s % factor]
-    if bad:
-        sizes = "x".join(str(s) for s in hw)
-        raise ValueError(
-            f"image size {sizes} cannot be downsampled {num_levels - 1} times by the classifier "
-            f"(len(model.ch_mult) = {num_levels} needs sides divisible by {factor}); use fewer levels in "
-            f"model.ch_mult or pad/resize the data to a multiple of {factor}"
-        )

@@ -105,9 +105,9 @@ def check_input_shape(model_config, shape) -> None:
         )
         check_input_size((height, width), arch[3])
     elif name == "half_unet":
-        from research.models.classifier import check_classifier_resolution
+        from research.models.unet import check_resolution
 
-        check_classifier_resolution((height, width), len(cfg["ch_mult"]))
+        check_resolution((height, width), len(cfg["ch_mult"]))
         _check_group_norm(cfg, len(cfg["ch_mult"]))
     elif name == "vae":
         from research.models.vae import check_autoencoder_resolution

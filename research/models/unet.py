@@ -70,49 +70,16 @@ class UNet(nn.Module):
         cond = as_cond(cond)
         check_supported(cond, ("label", "residuals"), "UNet")
         check_resolution(x.shape[1:3], len(self.ch_mult))
-        emb_dim = 4 * self.ch
-        emb = timestep_embedding(t, self.ch)
-        emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense0")(emb)
-        emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=self.dtype, name="time_dense1")(nn.silu(emb))
+        emb = time_embedding(self, t)
+        emb_dim = emb.shape[-1]
         if self.num_classes:
             if cond is None or cond.label is None:
                 raise ValueError("this U-Net is class-conditional (num_classes > 0) but no labels were given")
             table = self.num_classes + int(self.null_label)
             emb = emb + nn.Embed(table, emb_dim, name="label_embed")(cond.label).astype(emb.dtype)
         residuals = None if cond is None else cond.residuals
-
-        res = dict(
-            dropout=self.dropout,
-            use_scale_shift_norm=self.use_scale_shift_norm,
-            norm_groups=self.norm_groups,
-            norm_eps=self.norm_eps,
-            dtype=self.dtype,
-        )
-        attn = dict(
-            num_heads=self.num_heads,
-            head_channels=self.head_channels,
-            norm_groups=self.norm_groups,
-            norm_eps=self.norm_eps,
-            dtype=self.dtype,
-        )
-
-        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv_in")(
-            x.astype(self.dtype)
-        )
-        skips = [h]
-        for level, mult in enumerate(self.ch_mult):
-            for block in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, name=f"down{level}_res{block}", **res)(h, emb, train=train)
-                if h.shape[1] in self.attn_resolutions:
-                    h = AttentionBlock(name=f"down{level}_attn{block}", **attn)(h)
-                skips.append(h)
-            if level != len(self.ch_mult) - 1:
-                h = Downsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"down{level}_down")(h)
-                skips.append(h)
-
-        h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, emb, train=train)
-        h = AttentionBlock(name="mid_attn", **attn)(h)
-        h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, emb, train=train)
+        res, attn = block_arguments(self)
+        h, skips = encoder(self, x, emb, train)
         if residuals is not None:
             skips, h = add_residuals(residuals, skips, h)
 
@@ -131,6 +98,58 @@ class UNet(nn.Module):
             self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init, dtype=self.dtype, name="conv_out"
         )(h)
         return h.astype(jnp.float32)
+
+
+def time_embedding(module, t: jax.Array) -> jax.Array:
+    """The sinusoidal embedding of t through two Dense layers (width 4 ch), as module's time_dense0/1. Call from
+    the compact method of a module with fields ch and dtype."""
+    emb_dim = 4 * module.ch
+    emb = timestep_embedding(t, module.ch)
+    emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=module.dtype, name="time_dense0")(emb)
+    return nn.Dense(emb_dim, kernel_init=default_init, dtype=module.dtype, name="time_dense1")(nn.silu(emb))
+
+
+def block_arguments(module) -> tuple:
+    """(ResBlock keyword arguments, AttentionBlock keyword arguments) from a U-Net-like module's fields."""
+    res = dict(
+        dropout=module.dropout,
+        use_scale_shift_norm=module.use_scale_shift_norm,
+        norm_groups=module.norm_groups,
+        norm_eps=module.norm_eps,
+        dtype=module.dtype,
+    )
+    attn = dict(
+        num_heads=module.num_heads,
+        head_channels=module.head_channels,
+        norm_groups=module.norm_groups,
+        norm_eps=module.norm_eps,
+        dtype=module.dtype,
+    )
+    return res, attn
+
+
+def encoder(module, x: jax.Array, emb: jax.Array, train: bool) -> tuple:
+    """The U-Net's encoder and middle block, built inside `module`'s compact method with the U-Net's parameter
+    names (conv_in, down{level}_*, mid_*): -> (middle output, skips in storage order). Shared by UNet and the
+    noise-aware classifier (research/models/classifier.py), whose encoder is this one."""
+    res, attn = block_arguments(module)
+    h = nn.Conv(module.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=module.dtype, name="conv_in")(
+        x.astype(module.dtype)
+    )
+    skips = [h]
+    for level, mult in enumerate(module.ch_mult):
+        for block in range(module.num_res_blocks):
+            h = ResBlock(module.ch * mult, name=f"down{level}_res{block}", **res)(h, emb, train=train)
+            if h.shape[1] in module.attn_resolutions:
+                h = AttentionBlock(name=f"down{level}_attn{block}", **attn)(h)
+            skips.append(h)
+        if level != len(module.ch_mult) - 1:
+            h = Downsample(h.shape[-1], module.resamp_with_conv, dtype=module.dtype, name=f"down{level}_down")(h)
+            skips.append(h)
+    h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, emb, train=train)
+    h = AttentionBlock(name="mid_attn", **attn)(h)
+    h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, emb, train=train)
+    return h, skips
 
 
 def add_residuals(residuals, skips, mid):
