@@ -86,14 +86,12 @@ def main(argv=None) -> int:
 
     from research.config import ConfigError
     from research.run import read_config
-    from research.tasks import task_of
+    from research.tasks import SampleOptions, task_of
 
     try:
         _check_args(args)
         config = read_config(args.workdir)
-        run = task_of(config).sampler(
-            args.workdir,
-            config,
+        options = SampleOptions(
             step=args.step,
             use_ema=not args.no_ema,
             sampler=args.sampler,
@@ -103,9 +101,10 @@ def main(argv=None) -> int:
             guidance=args.guidance,
             guidance_rescale=args.guidance_rescale,
             grid=args.grid,
-            # passed only when given, so a task whose sampler predates the option is unaffected
-            **({"classifier": args.classifier, "classifier_scale": args.classifier_scale} if args.classifier else {}),
+            classifier=args.classifier,
+            classifier_scale=args.classifier_scale,
         )
+        run = task_of(config).sampler(args.workdir, config, options)
         t0 = time.time()
         result = run(args.num, seed=args.seed)
     except (ConfigError, ValueError) as e:

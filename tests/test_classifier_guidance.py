@@ -19,7 +19,7 @@ from research.diffusion.classifier_guidance import (
     log_prob_grad,
 )
 from research.diffusion.schedules import make_schedule, respace, space_timesteps
-from research.tasks import get_task, validate_config
+from research.tasks import SampleOptions, get_task, validate_config
 from tests.factories import make_tiny_classifier_config
 
 FULL = make_schedule("cosine", 1000)
@@ -223,7 +223,7 @@ def test_task_validates_and_refuses_to_sample(tmp_path):
     with pytest.raises(ConfigError, match="cannot be downsampled"):
         validate_config(bad)
     with pytest.raises(ConfigError, match="no sampler.*--classifier"):
-        get_task("noisy_classifier").sampler(str(tmp_path), config)
+        get_task("noisy_classifier").sampler(str(tmp_path), config, SampleOptions())
 
 
 def test_tiny_classifier_trains_on_slightly_noisy_digits():

@@ -81,6 +81,9 @@ def test_adding_a_task_is_adding_a_registered_class(tmp_path):
 
     @register_task("unit_test_task")
     class UnitTestTask(Task):
+        def build_trainer(self, config, mesh):  # the one hook a task must write (Task is abstract)
+            return get_task("diffusion").build_trainer(config, mesh)
+
         def validate(self, config):
             if config.train.num_steps > 99:
                 raise ConfigError("unit_test_task trains at most 99 steps")

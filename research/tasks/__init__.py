@@ -17,6 +17,7 @@ A task
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 from typing import Any, Callable, Dict, Optional
@@ -122,20 +123,40 @@ class Samples:
     description: str
 
 
-class Task:
-    """Base class; every hook has a default, so a task overrides only what it needs."""
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """What `research.sample` asks of a task's sampler (None: the run's own config.sample value). A task refuses,
+    with a ConfigError, every option it cannot honour; none is silently ignored."""
+
+    step: Optional[int] = None  # checkpoint step (None: the newest readable one)
+    use_ema: bool = True
+    sampler: Optional[str] = None  # ddpm | ddim | dpm++2m | dpm++3m | dpm++2s | unipc
+    steps: Any = None  # count, 'ddimN' or a timestep list
+    eta: Optional[float] = None  # DDIM's eta
+    batch_size: Optional[int] = None
+    guidance: Optional[float] = None  # classifier-free guidance scale s = 1 + w
+    guidance_rescale: float = 0.0
+    grid: Optional[str] = None  # a solver's time grid: uniform | logsnr | karras
+    classifier: Optional[str] = None  # a noisy_classifier run for classifier guidance
+    classifier_scale: float = 1.0
+
+
+class Task(abc.ABC):
+    """Base class: a task must build its trainer; every other hook has a default."""
 
     name = ""
 
     def validate(self, config) -> None:
         """Raise ConfigError for values of this task's section (and the shared sections it uses) that cannot work."""
+        return None
 
     def resolve(self, config):
         """The config as it should be saved in config.json (e.g. referenced runs made absolute)."""
         return config
 
+    @abc.abstractmethod
     def build_trainer(self, config, mesh) -> Trainer:
-        raise NotImplementedError
+        """The compiled init and step of this task on `mesh`, with the state's shardings and checkpoint meta."""
 
     def data_source(self, config, trainer: Trainer):
         """The training split as a research.data source, or None for config.data's own."""
@@ -154,24 +175,9 @@ class Task:
 
     def on_finish(self, config, trainer: Trainer, state, workdir: str) -> None:
         """Called once when the run reaches train.num_steps (also after a resume that finishes it)."""
+        return None
 
-    def sampler(
-        self,
-        workdir: str,
-        config,
-        *,
-        step=None,
-        use_ema=True,
-        sampler=None,
-        steps=None,
-        eta=None,
-        batch_size=None,
-        guidance=None,
-        guidance_rescale=0.0,
-        grid=None,
-        classifier=None,
-        classifier_scale=0.0,
-    ):
+    def sampler(self, workdir: str, config, options: SampleOptions):
         """A callable (num, seed, progress) -> Samples for `research.sample`; ConfigError when the task has none.
         Options a task cannot honour (a sampler name for a few-step student, guidance without a null condition,
         a classifier workdir for classifier guidance) are refused with a ConfigError, never ignored."""

@@ -264,7 +264,7 @@ class AutoencoderTask(Task):
             use_ema=use_ema,
         )
 
-    def sampler(self, workdir, config, **options):
+    def sampler(self, workdir, config, options=None):
         raise ConfigError(
             f"{workdir} holds an autoencoder, which has no sampler; its reconstructions are in "
             f"{os.path.join(workdir, 'samples')} and research.latents.load_autoencoder loads it"

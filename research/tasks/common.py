@@ -8,7 +8,7 @@ import jax
 
 from research.config import ConfigError
 from research.models.registry import check_input_shape
-from research.shapes import abstract_net_params, build_network, init_net_params, model_input_shape  # noqa: F401
+from research.shapes import build_network, model_input_shape
 from research.tasks import Trainer
 from research.train import mesh as mesh_lib
 from research.train.checkpoint import param_signature

@@ -23,9 +23,9 @@ from research.cond import Cond, drop_condition
 from research.config import ConfigError
 from research.diffusion import gaussian, likelihood
 from research.sampling import schedule_from_config
-from research.shapes import build_network, latent_enabled
-from research.tasks import Samples, Task, Trainer, default_labels, register_task
-from research.tasks.common import abstract_net_params, compile_trainer, init_net_params, model_meta, validate_network
+from research.shapes import abstract_net_params, build_network, init_net_params, latent_enabled
+from research.tasks import SampleOptions, Samples, Task, Trainer, default_labels, register_task
+from research.tasks.common import compile_trainer, model_meta, validate_network
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
 # Salt of the condition-dropout key: fold_in(step key, salt), so runs without dropout keep their random streams.
@@ -222,42 +222,26 @@ class DiffusionTask(Task):
 
         return write
 
-    def sampler(
-        self,
-        workdir,
-        config,
-        *,
-        step=None,
-        use_ema=True,
-        sampler=None,
-        steps=None,
-        eta=None,
-        batch_size=None,
-        guidance=None,
-        guidance_rescale=0.0,
-        grid=None,
-        classifier=None,
-        classifier_scale=0.0,
-    ):
+    def sampler(self, workdir: str, config, options: SampleOptions):
         from research.loader import load_run
         from research.sampling import Generator, to_uint8
 
-        name = sampler or config.sample.sampler
-        if eta is not None and name != "ddim":
+        name = options.sampler or config.sample.sampler
+        if options.eta is not None and name != "ddim":
             raise ConfigError(f"--eta is DDIM's; the {name!r} sampler has none (drop --eta or use --sampler ddim)")
-        if grid is not None and name in ("ddpm", "ddim"):
+        if options.grid is not None and name in ("ddpm", "ddim"):
             raise ConfigError(f"--grid picks a solver's time grid; {name!r} runs on --steps (drop --grid)")
-        if steps is not None:
+        if options.steps is not None:
             from research.sampling import sampling_schedule
 
             try:
-                sampling_schedule(schedule_from_config(config.diffusion), steps)
+                sampling_schedule(schedule_from_config(config.diffusion), options.steps)
             except ValueError as e:
-                raise ConfigError(f"--steps {steps}: {e}") from None
+                raise ConfigError(f"--steps {options.steps}: {e}") from None
 
-        _, model, params, step = load_run(workdir, step, use_ema=use_ema)
+        _, model, params, step = load_run(workdir, options.step, use_ema=options.use_ema)
         num_classes = int(config.model.get("num_classes", 0))
-        guide = _load_classifier(classifier, classifier_scale, config, num_classes, use_ema)
+        guide = _load_classifier(options.classifier, options.classifier_scale, config, num_classes, options.use_ema)
         if guide is not None:
             num_classes = int(guide[0].num_classes)
 
@@ -265,25 +249,25 @@ class DiffusionTask(Task):
             gen = Generator(
                 model,
                 config,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                batch_size=min(batch_size or config.sample.batch_size, num),
-                guidance=guidance,
-                guidance_rescale=guidance_rescale,
-                grid=grid,
+                sampler=options.sampler,
+                steps=options.steps,
+                eta=options.eta,
+                batch_size=min(options.batch_size or config.sample.batch_size, num),
+                guidance=options.guidance,
+                guidance_rescale=options.guidance_rescale,
+                grid=options.grid,
                 classifier=guide,
             )
             labels = default_labels(num, num_classes)
             samples, _, nfe = gen.generate(
                 params, num, seed=seed, labels=labels if num_classes else None, progress=progress
             )
-            steps_name = str(steps if steps is not None else config.sample.steps).replace(",", "-")
+            steps_name = str(options.steps if options.steps is not None else config.sample.steps).replace(",", "-")
             guided = f"_cfg{gen.guidance:g}" if gen.guidance is not None else ""
             if gen.classifier_scale is not None:
                 guided += f"_clf{gen.classifier_scale:g}"
             if name not in ("ddpm", "ddim"):
-                guided = f"_{grid or config.sample.grid}{guided}"
+                guided = f"_{options.grid or config.sample.grid}{guided}"
             return Samples(
                 to_uint8(samples, config.data.centered),
                 labels,

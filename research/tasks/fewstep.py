@@ -53,9 +53,9 @@ from research.diffusion import gaussian, karras
 from research.diffusion.samplers import ddim_sample
 from research.run import load_params, read_config, resolve_step
 from research.sampling import make_denoiser, schedule_from_config, to_uint8
-from research.shapes import build_network, model_input_shape
-from research.tasks import Samples, Task, Trainer, default_labels, register_task
-from research.tasks.common import abstract_net_params, init_net_params, model_meta, validate_network
+from research.shapes import abstract_net_params, build_network, init_net_params, model_input_shape
+from research.tasks import SampleOptions, Samples, Task, Trainer, default_labels, register_task
+from research.tasks.common import compile_trainer, model_meta, validate_network
 from research.train import mesh as mesh_lib
 from research.train.state import (
     TrainState,
@@ -496,8 +496,6 @@ class FewstepTask(Task):
     def build_trainer(self, config, mesh) -> Trainer:
         """Building it reads the teacher's config only; the teacher's weights are read by init (and, for cd, here,
         as a frozen part)."""
-        from research.tasks.common import compile_trainer
-
         f, tc = config.fewstep, config.train
         model = build_network(config)
         schedule = schedule_from_config(config.diffusion)
@@ -602,30 +600,14 @@ class FewstepTask(Task):
     def preview(self, config, trainer):
         return FewstepPreview(config, trainer.model)
 
-    def sampler(
-        self,
-        workdir,
-        config,
-        *,
-        step=None,
-        use_ema=True,
-        sampler=None,
-        steps=None,
-        eta=None,
-        batch_size=None,
-        guidance=None,
-        guidance_rescale=0.0,
-        grid=None,
-        classifier=None,
-        classifier_scale=0.0,
-    ):
+    def sampler(self, workdir: str, config, options: SampleOptions):
         """--steps k picks PD's k-step round checkpoint (default: the last round) or the number of consistency
         steps (default fewstep.sample_steps); sampled with the student's own sampler."""
-        if guidance is not None and float(guidance) != 1.0:
+        if options.guidance is not None and float(options.guidance) != 1.0:
             raise ConfigError("a few-step student samples without classifier-free guidance: drop --guidance")
-        if classifier is not None:
+        if options.classifier is not None:
             raise ConfigError("a few-step student samples without classifier guidance: drop --classifier")
-        if sampler is not None or eta is not None or grid is not None:
+        if options.sampler is not None or options.eta is not None or options.grid is not None:
             raise ConfigError(
                 "a few-step student has its own sampler (DDIM on its grid for pd, consistency sampling "
                 "for cd/ct): drop --sampler / --eta / --grid"
@@ -633,16 +615,20 @@ class FewstepTask(Task):
         f = config.fewstep
         default = f.pd_final_steps if f.method == "pd" else f.sample_steps
         try:
-            k = int(steps) if steps is not None else int(default)
+            k = int(options.steps) if options.steps is not None else int(default)
         except ValueError:
-            raise ConfigError(f"--steps {steps!r}: a few-step student takes a step count, e.g. --steps 4") from None
+            raise ConfigError(
+                f"--steps {options.steps!r}: a few-step student takes a step count, e.g. --steps 4"
+            ) from None
         if k < 1:
             raise ConfigError(f"--steps must be >= 1, got {k}")
-        _, model, params, step = load_student(workdir, k if f.method == "pd" else None, use_ema=use_ema, step=step)
+        _, model, params, step = load_student(
+            workdir, k if f.method == "pd" else None, use_ema=options.use_ema, step=options.step
+        )
         num_classes = int(config.model.get("num_classes", 0))
 
         def run(num, seed=0, progress=True):
-            batch = min(batch_size or config.sample.batch_size, num)
+            batch = min(options.batch_size or config.sample.batch_size, num)
             fn = make_student_sampler(config, model, k, batch)
             samples, labels, nfe = generate(
                 fn, params, num, batch, seed=seed, num_classes=num_classes, progress=progress

@@ -19,9 +19,9 @@ import optax
 from research.config import ConfigError
 from research.diffusion import gaussian
 from research.sampling import schedule_from_config
-from research.shapes import build_network
+from research.shapes import abstract_net_params, build_network, init_net_params
 from research.tasks import Task, Trainer, register_task
-from research.tasks.common import abstract_net_params, compile_trainer, init_net_params, model_meta, validate_network
+from research.tasks.common import compile_trainer, model_meta, validate_network
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
 
@@ -101,7 +101,7 @@ class NoisyClassifierTask(Task):
         trainer.schedule = schedule
         return trainer
 
-    def sampler(self, workdir, config, **options):
+    def sampler(self, workdir, config, options=None):
         raise ConfigError(
             f"{workdir} holds a noisy classifier, which has no sampler; use it to guide a diffusion run with "
             f"python -m research.sample --workdir DIFFUSION_RUN --classifier {workdir} --classifier-scale S"
