@@ -15,6 +15,7 @@ demand for any other step, so it survives resuming and can be recomputed for any
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Optional
@@ -150,6 +151,12 @@ class Autoencoder:
     step: int
     shift: Any = 0.0  # 0, or the per-channel mean [z] with normalization='channel'
     normalization: str = "scale"
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the exact weights (params_digest), computed once: it keys the latent cache and the frozen-part
+        reference in a run's checkpoints."""
+        return params_digest(self.params)
 
     def __post_init__(self):
         model = self.model
@@ -360,7 +367,7 @@ def latent_cache(
 
     from research.data import get_source, read_examples, to_model_range
 
-    key = _cache_key(config, ae, split, params_digest(ae.params))
+    key = _cache_key(config, ae, split, ae.digest)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = config.latent.cache_dir or os.path.join(config.latent.autoencoder, "latent_cache")
     directory = os.path.join(root, f"{config.data.name}-{split}-{name}")

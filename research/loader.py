@@ -15,7 +15,7 @@ from typing import Optional
 import jax
 
 from research.config import ConfigError
-from research.run import load_params, read_meta
+from research.run import load_params
 from research.shapes import abstract_net_params, build_network
 
 
@@ -43,4 +43,4 @@ def load_run(workdir: str, step: Optional[int] = None, use_ema: bool = True):
     return config, model, params, step
 
 
-__all__ = ["check_params_fit", "load_run", "read_meta"]
+__all__ = ["check_params_fit", "load_run"]

@@ -52,11 +52,6 @@ def read_config(workdir: str, *, what: str = "a training workdir"):
     return config_from_dict(values)
 
 
-def read_task(workdir: str) -> str:
-    """The `task` field of a run's config.json, without building anything."""
-    return str(read_config(workdir).task)
-
-
 def checkpointer(workdir: str, max_to_keep: Optional[int] = None):
     from research.train.checkpoint import Checkpointer
 
@@ -105,9 +100,9 @@ def restore_tree(workdir: str, step: Optional[int] = None) -> tuple:
 
     from research.train.checkpoint import CheckpointDamagedError
 
-    step = None if step is None else resolve_step(workdir, step)
-    if not checkpoint_steps(workdir):
-        resolve_step(workdir, None)  # the "no checkpoint" error
+    steps = checkpoint_steps(workdir)
+    if not steps or (step is not None and step not in steps):
+        resolve_step(workdir, step)  # the "no checkpoint" / "no checkpoint at step N" error
     device = SingleDeviceSharding(jax.local_devices()[0])
     ckpt = checkpointer(workdir)
     try:
@@ -115,7 +110,7 @@ def restore_tree(workdir: str, step: Optional[int] = None) -> tuple:
             lambda s: ckpt.saved_abstract(s, device), steps=None if step is None else [step]
         )
     except CheckpointDamagedError as e:
-        readable = [s for s in checkpoint_steps(workdir) if s not in {d for d, _ in e.damaged}]
+        readable = [s for s in steps if s not in {d for d, _ in e.damaged}]
         hint = f" Other checkpoints: {readable} (pass --step)." if readable and step is not None else ""
         raise ConfigError(f"{e}{hint}") from None
     finally:

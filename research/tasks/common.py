@@ -48,7 +48,8 @@ def model_meta(config, abstract_state) -> dict:
 
 
 def compile_trainer(config, mesh, model, abstract_state, init, step_fn, meta, *, step_extra_args=()) -> Trainer:
-    """jit init and step with the state's shardings (from train.sharding_rules) and the batch split over 'data'."""
+    """jit init and step with the state's shardings (from train.sharding_rules) and the batch split over 'data'.
+    step_fn None leaves trainer.step to the caller (a task that compiles one program per phase)."""
     try:
         state_sh = mesh_lib.state_shardings_from_config(mesh, abstract_state, config.train)
     except ValueError as e:
@@ -57,9 +58,14 @@ def compile_trainer(config, mesh, model, abstract_state, init, step_fn, meta, *,
         log.info("%s", mesh_lib.describe_shardings(abstract_state, state_sh).splitlines()[-1])
     batch_sh = mesh_lib.batch_sharding(mesh)
     init_jit = jax.jit(init, out_shardings=state_sh)
-    step_jit = jax.jit(
-        step_fn, in_shardings=(state_sh, batch_sh, *step_extra_args), out_shardings=(state_sh, None), donate_argnums=0
-    )
+    step_jit = None
+    if step_fn is not None:
+        step_jit = jax.jit(
+            step_fn,
+            in_shardings=(state_sh, batch_sh, *step_extra_args),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
     return Trainer(
         model=model,
         mesh=mesh,

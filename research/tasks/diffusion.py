@@ -158,7 +158,7 @@ class DiffusionTask(Task):
         meta = model_meta(config, abstract)
         context = {}
         if latent_enabled(config):
-            from research.latents import load_run_autoencoder, params_digest
+            from research.latents import load_run_autoencoder
 
             ae = load_run_autoencoder(config)
             context["autoencoder"] = ae
@@ -167,7 +167,7 @@ class DiffusionTask(Task):
                     "workdir": config.latent.autoencoder,
                     "step": int(ae.step),
                     "use_ema": bool(config.latent.use_ema),
-                    "sha256": params_digest(ae.params),
+                    "sha256": ae.digest,
                 }
             }
         trainer = compile_trainer(config, mesh, model, abstract, init, step_fn, meta)

@@ -528,16 +528,14 @@ class FewstepTask(Task):
                 }
             }
 
-        def init(key):
-            if has_teacher(config):
-                teacher = frozen["teacher"] if "teacher" in frozen else load_teacher(config)[0]
-                return make_state(teacher, teacher)
+        def init(key):  # ct: a student from scratch
             params = init_net_params(model, config, key)
             return make_state(params, params)
 
         def init_from_teacher(trainer):
-            """init reads the teacher from disk (pd) or holds it (cd), so the state is built by a jitted function of
-            the teacher's arrays: its outputs are distinct buffers (student, EMA, target), as donation needs."""
+            """pd, cd: the student starts as the teacher (read from disk for pd, held as a frozen part for cd), so the
+            state is built by a jitted function of the teacher's arrays: its outputs are distinct buffers (student,
+            EMA, target), as donation needs."""
             make = jax.jit(make_state, out_shardings=trainer.state_sharding)
 
             def init_state(key):
@@ -547,9 +545,7 @@ class FewstepTask(Task):
             return init_state
 
         if f.method == "pd":
-            trainer = compile_trainer(
-                config, mesh, model, abstract_state, lambda key: init(key), lambda state, batch: (state, {}), meta
-            )
+            trainer = compile_trainer(config, mesh, model, abstract_state, init, None, meta)  # a program per round
             trainer.init = init_from_teacher(trainer)
             state_sh, batch_sh = trainer.state_sharding, trainer.batch_sharding
             spr, rounds = f.pd_steps_per_round, pd_round_count(config)
