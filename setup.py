@@ -16,6 +16,7 @@ setup(
         "orbax-checkpoint>=0.11,<0.13",
         "ml-collections>=1.0,<2",
         "einops>=0.8,<0.9",
+        "transformers>=5,<6",  # the CLIP tokenizer (PyTorch is needed only by the tests' references)
         "grain>=0.2.12,<0.3",
         "tensorflow-datasets>=4.9.9,<5",
         "numpy>=1.26,<3",

@@ -135,7 +135,14 @@ def jax_worker(args) -> None:
 
 
 def torch_worker(args) -> None:
+    import types
+
     import torch
+
+    # diffusers imports transformers, which imports torchvision; the torchvision wheel the test extra installs is a
+    # CUDA build whose meta-kernel registrations fail to load next to the CPU torch (see tests/reference.py). The
+    # U-Net needs none of torchvision's operators, so that one module is replaced by an empty stand-in.
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     from diffusers import DDIMScheduler, UNet2DModel
 
     if args.torch_threads:

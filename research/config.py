@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
             eps=1e-8,
             weight_decay=0.0,
             warmup_steps=5000,
-            lr_schedule="constant",  # constant | cosine (decay to 0 at train.num_steps)
+            lr_schedule="constant",  # constant | cosine | linear (both decay to 0 at train.num_steps)
             grad_clip=1.0,  # global-norm clip; 0 disables
         )
     )
@@ -198,6 +198,17 @@ def base_config() -> ml_collections.ConfigDict:
             cache=True,  # encode the training split once (posterior mean and std) to a cache read by grain,
             # drawing z ~ q(z|x) per step from it; False encodes every batch on the fly
             cache_dir="",  # '' -> AUTOENCODER_WORKDIR/latent_cache
+        )
+    )
+    # task='clip' (Radford et al. 2021): contrastive image-caption training on a captioned dataset. Every example's
+    # caption is one of the dataset's training templates filled with its class name, drawn per step (research/data/
+    # text.py); the held-out templates are kept for the zero-shot evaluation.
+    c.clip = ml_collections.ConfigDict(
+        dict(
+            loss="clip",  # clip: symmetric InfoNCE over the global batch | siglip: sigmoid loss (Zhai et al. 2023)
+            tokenizer="",  # folder with the CLIP tokenizer (vocab.json, merges.txt); '' -> $RESEARCH_DATA_DIR/clip
+            shift=2,  # augmentation: random translation by up to this many pixels (background padding); 0: none
+            eval_num=2000,  # test images of the zero-shot check written every train.sample_every steps
         )
     )
     c.lock()
@@ -377,7 +388,8 @@ _CHOICES = {
     "diffusion.loss": ("simple", "hybrid", "vlb"),
     "diffusion.t_sampling": ("uniform", "importance"),
     "optim.optimizer": ("adam", "adamw"),
-    "optim.lr_schedule": ("constant", "cosine"),
+    "optim.lr_schedule": ("constant", "cosine", "linear"),
+    "clip.loss": ("clip", "siglip"),
     "sample.sampler": ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "unipc"),  # = diffusion.samplers.SAMPLERS
     "sample.grid": ("uniform", "logsnr", "karras"),
 }

@@ -28,6 +28,12 @@ The decoder term L_0 is a discretised Gaussian on the 256-level grid; research.d
 distribution as N(2m - 1, (2s)^2) over y = 2x - 1, bin for bin, so L_0 is evaluated on that map; the KL terms
 and the prior are invariant (computed in the model's own space). The bound is therefore exact for both ranges.
 Only pixel-space diffusion runs have this bound: latent runs, autoencoders and few-step students are refused.
+CLIP runs and CLIP scores (research/evaluate_clip.py has the details):
+python -m research.evaluate zeroshot --workdir RUN [--split test] [--num N] [--templates heldout|train]
+python -m research.evaluate retrieval --workdir RUN [--split test] [--num N]
+python -m research.evaluate probe --workdir RUN [--train-num 10000] [--num N]
+python -m research.evaluate clipscore --samples X.npz --clip RUN|HF_DIR [--prompts FILE] [--dataset NAME]
+
 Every error in a command line is one `error: ...` line on stderr and exit status 2.
 """
 
@@ -416,6 +422,9 @@ def main(argv=None) -> int:
     b.add_argument("--batch-size", type=positive_int, default=100)
     b.add_argument("--seed", type=nonnegative_int, default=0)
     b.add_argument("--no-ema", action="store_true")
+    from research.evaluate_clip import add_parsers
+
+    clip_commands = add_parsers(sub)
     try:
         args = p.parse_args(argv)
     except UsageError as e:
@@ -424,7 +433,7 @@ def main(argv=None) -> int:
     from research.data import DataError
     from research.metrics.evaluation import USER_ERRORS
 
-    run = {"bpd": _bpd_main, "fid": _fid_main, "stats": _stats_main}[args.command]
+    run = {"bpd": _bpd_main, "fid": _fid_main, "stats": _stats_main, **clip_commands}[args.command]
     try:
         return run(args)
     except (ConfigError, DataError, UsageError) + USER_ERRORS as e:

@@ -85,6 +85,13 @@ def example_cond(config, batch: int = 1):
     return None
 
 
+def example_tokens(config, batch: int = 1):
+    """Token ids [batch, model.context_length] a text model is initialised (and summarised) with."""
+    import jax.numpy as jnp
+
+    return jnp.zeros((batch, int(config.model.context_length)), jnp.int32)
+
+
 def init_net_params(model, config, key):
     """Initial parameters of the main network (the autoencoder's model is initialised from images alone)."""
     import jax.numpy as jnp
@@ -92,6 +99,8 @@ def init_net_params(model, config, key):
     x = jnp.zeros((1, *model_input_shape(config)), jnp.float32)
     if config.model.name == "vae":
         return model.init(key, x)["params"]
+    if config.model.name == "clip":  # images and captions
+        return model.init(key, x, example_tokens(config))["params"]
     return model.init(key, x, jnp.zeros((1,), jnp.int32), example_cond(config))["params"]
 
 

@@ -23,7 +23,7 @@ def count_params(abstract_params) -> int:
 
 
 def forward_flops(model, config, abstract_params, batch: int = 1) -> float:
-    """Forward FLOPs per example of the network on abstract inputs [batch, H, W, C] (+ t, cond)."""
+    """Forward FLOPs per example of the network on abstract inputs [batch, H, W, C] (+ t, cond; + tokens for CLIP)."""
     import jax.numpy as jnp
 
     from research.shapes import example_cond, model_input_shape
@@ -35,6 +35,13 @@ def forward_flops(model, config, abstract_params, batch: int = 1) -> float:
             return model.apply({"params": params}, x)
 
         args = (abstract_params, x)
+    elif config.model.name == "clip":  # one image and one caption through both towers
+        from research.shapes import example_tokens
+
+        def forward(params, x, tokens):
+            return model.apply({"params": params}, x, tokens)
+
+        args = (abstract_params, x, jax.eval_shape(lambda: example_tokens(config, batch)))
     else:
         t = jax.ShapeDtypeStruct((batch,), jnp.int32)
         cond = jax.eval_shape(lambda: example_cond(config, batch))

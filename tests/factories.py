@@ -108,6 +108,37 @@ def make_tiny_classifier_config():
     return c
 
 
+def make_tiny_clip_config():
+    """A CLIP on captioned digits (8x8, 2x2 patches): both towers width 32, 2 layers of 2 heads, 16-token captions;
+    an EMA so the 8-device comparison of tests/test_tasks.py has one to compare."""
+    c = make_tiny_config()
+    c.task = "clip"
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="clip",
+            embed_dim=32,
+            image_size=8,
+            patch_size=2,
+            vision_width=32,
+            vision_layers=2,
+            vision_heads=2,
+            context_length=16,
+            text_width=32,
+            text_layers=2,
+            text_heads=2,
+            logit_bias_init=None,
+        )
+    )
+    c.data.num_classes = 10
+    c.optim.optimizer = "adamw"
+    c.optim.weight_decay = 0.1
+    c.train.ema_decay = 0.5
+    c.train.sample_every = 0
+    c.clip.shift = 1
+    c.clip.eval_num = 200
+    return c
+
+
 def make_tiny_resume_configs():
     """{task: (config, steps before the interruption)} for the parametrised resume and sharding tests. The
     autoencoder is stopped before its discriminator starts and resumed across the switch."""
@@ -119,4 +150,5 @@ def make_tiny_resume_configs():
         "autoencoder": (vae, 3),
         "fewstep": (make_tiny_ct_config(), 3),
         "noisy_classifier": (make_tiny_classifier_config(), 3),
+        "clip": (make_tiny_clip_config(), 3),
     }

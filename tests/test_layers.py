@@ -38,6 +38,7 @@ LAYERS = [
             r"research\.train\.__main__",
             r"research\.sample",
             r"research\.evaluate",
+            r"research\.evaluate_clip",
             r"research\.summary",
             r"research\.pretrained(\..*)?",
             r"research\.metrics\.convert_.*",

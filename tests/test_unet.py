@@ -114,14 +114,20 @@ def port_diffusers_unet(theirs: "UNet2DModel", num_res_blocks: int) -> dict:
             if f"down_blocks.{level}.attentions.{b}.to_q.weight" in sd:
                 p[f"down{level}_attn{b}"] = _attn(sd, f"down_blocks.{level}.attentions.{b}")
         if level != levels - 1:
-            p[f"down{level}_down"] = {"conv": _conv(sd, f"down_blocks.{level}.downsamplers.0.conv")}
+            prefix = f"down_blocks.{level}.downsamplers.0"
+            resnet = prefix + ".conv1.weight" in sd  # downsample_type='resnet': ADM's resampling block
+            p[f"down{level}_down"] = _res(sd, prefix) if resnet else {"conv": _conv(sd, prefix + ".conv")}
         up = levels - 1 - level  # diffusers numbers its decoder from the bottom
         for b in range(num_res_blocks + 1):
             p[f"up{level}_res{b}"] = _res(sd, f"up_blocks.{up}.resnets.{b}")
             if f"up_blocks.{up}.attentions.{b}.to_q.weight" in sd:
                 p[f"up{level}_attn{b}"] = _attn(sd, f"up_blocks.{up}.attentions.{b}")
         if level != 0:
-            p[f"up{level}_up"] = {"conv": _conv(sd, f"up_blocks.{up}.upsamplers.0.conv")}
+            prefix = f"up_blocks.{up}.upsamplers.0"
+            resnet = prefix + ".conv1.weight" in sd
+            p[f"up{level}_up"] = _res(sd, prefix) if resnet else {"conv": _conv(sd, prefix + ".conv")}
+    if "class_embedding.weight" in sd:
+        p["label_embed"] = {"embedding": sd["class_embedding.weight"]}
     return jax.tree_util.tree_map(lambda t: jnp.asarray(t.numpy()), p)
 
 
@@ -163,6 +169,62 @@ def test_matches_diffusers_unet2dmodel_with_ported_weights():
     out = jax.jit(lambda p, x, t: ours.apply({"params": p}, x, t))(unflatten_dict(flatten_dict(params)), x, t)
     ref = ref.numpy()
     assert np.abs(ref).max() > 0.1  # a meaningful, non-degenerate output
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_adm_resampling_blocks_and_scale_shift_match_diffusers():
+    """ADM's network options (BigGAN-style resampling residual blocks, scale-shift norm, class embedding) against
+    diffusers' UNet2DModel with downsample_type / upsample_type 'resnet' and resnet_time_scale_shift='scale_shift'."""
+    torch.manual_seed(1)
+    theirs = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=6,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+        norm_num_groups=8,
+        norm_eps=1e-5,
+        attention_head_dim=16,
+        freq_shift=1,
+        flip_sin_to_cos=False,
+        resnet_time_scale_shift="scale_shift",
+        downsample_type="resnet",
+        upsample_type="resnet",
+        num_class_embeds=5,
+        attn_norm_num_groups=8,  # diffusers drops the middle attention's GroupNorm under scale_shift unless set
+    )
+    with torch.no_grad():  # zero-initialised parts and unit norms would hide a wrong port
+        for prm in theirs.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    theirs.eval()
+    ours = UNet(
+        out_channels=6,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(16, 8),
+        head_channels=16,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        num_classes=5,
+        norm_groups=8,
+        norm_eps=1e-5,
+        dropout=0.0,
+    )
+    params = port_diffusers_unet(theirs, num_res_blocks=1)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+    t, y = np.array([5.0, 640.0], np.float32), np.array([1, 4])
+    expected = ours.init(jax.random.PRNGKey(0), x, t, y)["params"]
+    shapes = lambda tree: {k: tuple(v.shape) for k, v in flatten_dict(tree).items()}
+    assert shapes(params) == shapes(expected)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), class_labels=torch.from_numpy(y))
+    ref = ref.sample.permute(0, 2, 3, 1).numpy()
+    out = jax.jit(lambda p, x, t, y: ours.apply({"params": p}, x, t, y))(params, x, t, y)
+    assert np.abs(ref).max() > 0.1
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
 
 

@@ -78,6 +78,7 @@ class HalfUNet(nn.Module):
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
     resamp_with_conv: bool = True
+    resblock_updown: bool = False
     pool: str = "attention"
     norm_groups: int = 32
     norm_eps: float = 1e-6

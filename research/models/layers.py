@@ -112,11 +112,16 @@ class ResBlock(nn.Module):
     With use_scale_shift_norm (ADM, Dhariwal & Nichol 2021) the embedding gives a scale and shift applied
     after the second GroupNorm; otherwise (DDPM) it is added to the hidden activations. With emb=None (the
     autoencoder, which has no timestep) the block has no embedding projection at all.
+
+    resample='down' / 'up' makes it ADM's resampling block (BigGAN style, `resblock_updown`): after the first
+    GroupNorm-SiLU both the hidden path and the skip path are halved by 2x2 average pooling or doubled by
+    nearest-neighbour repetition, so the block changes H and W; it has the parameters of a plain block.
     """
 
     out_channels: int
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
+    resample: str = "none"
     norm_groups: int = 32
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
@@ -125,6 +130,11 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb=None, *, train: bool):
         norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm1")(x))
+        if self.resample != "none":
+            if self.resample not in ("up", "down"):
+                raise ValueError(f"ResBlock resample={self.resample!r}; choose 'none', 'up' or 'down'")
+            change = Upsample(x.shape[-1], with_conv=False) if self.resample == "up" else Downsample(x.shape[-1], False)
+            h, x = change(h), change(x)
         h = nn.Conv(
             self.out_channels, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv1"
         )(h)

@@ -49,6 +49,14 @@ def _vae():
     return AutoencoderKL
 
 
+@register_model("clip")
+def _clip():
+    # Contrastive image-text model; build_model's out_channels is accepted and ignored (it has no image output).
+    from research.models.clip import CLIP
+
+    return CLIP
+
+
 def model_names():
     return sorted(_REGISTRY)
 
@@ -114,3 +122,11 @@ def check_input_shape(model_config, shape) -> None:
 
         check_autoencoder_resolution((height, width), len(cfg["ch_mult"]))
         _check_group_norm(cfg, len(cfg["ch_mult"]))
+    elif name == "clip":
+        from research.models.clip import CLIP
+
+        size, patch = int(cfg.get("image_size", CLIP.image_size)), int(cfg.get("patch_size", CLIP.patch_size))
+        if size % patch:
+            raise ValueError(f"model.image_size={size} is not divisible by model.patch_size={patch}")
+        if (height, width) != (size, size):
+            raise ValueError(f"data images are {height}x{width} but model.image_size={size}; make them equal")

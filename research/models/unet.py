@@ -59,6 +59,7 @@ class UNet(nn.Module):
     dropout: float = 0.1
     use_scale_shift_norm: bool = False
     resamp_with_conv: bool = True
+    resblock_updown: bool = False
     num_classes: int = 0
     null_label: bool = False
     norm_groups: int = 32
@@ -90,7 +91,7 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = AttentionBlock(name=f"up{level}_attn{block}", **attn)(h)
             if level != 0:
-                h = Upsample(h.shape[-1], self.resamp_with_conv, dtype=self.dtype, name=f"up{level}_up")(h)
+                h = resampler(self, "up", h.shape[-1], f"up{level}_up")(h, emb, train)
         assert not skips
 
         h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
@@ -128,6 +129,18 @@ def block_arguments(module) -> tuple:
     return res, attn
 
 
+def resampler(module, direction: str, channels: int, name: str):
+    """The block between levels, as a function (h, emb, train) -> h: a strided conv / nearest-neighbour upsampling
+    (+ conv) (DDPM), or with module.resblock_updown a resampling ResBlock (ADM)."""
+    if getattr(module, "resblock_updown", False):
+        res, _ = block_arguments(module)
+        block = ResBlock(channels, resample=direction, name=name, **res)
+        return lambda h, emb, train: block(h, emb, train=train)
+    cls = Downsample if direction == "down" else Upsample
+    block = cls(channels, module.resamp_with_conv, dtype=module.dtype, name=name)
+    return lambda h, emb, train: block(h)
+
+
 def encoder(module, x: jax.Array, emb: jax.Array, train: bool) -> tuple:
     """The U-Net's encoder and middle block, built inside `module`'s compact method with the U-Net's parameter
     names (conv_in, down{level}_*, mid_*): -> (middle output, skips in storage order). Shared by UNet and the
@@ -144,7 +157,7 @@ def encoder(module, x: jax.Array, emb: jax.Array, train: bool) -> tuple:
                 h = AttentionBlock(name=f"down{level}_attn{block}", **attn)(h)
             skips.append(h)
         if level != len(module.ch_mult) - 1:
-            h = Downsample(h.shape[-1], module.resamp_with_conv, dtype=module.dtype, name=f"down{level}_down")(h)
+            h = resampler(module, "down", h.shape[-1], f"down{level}_down")(h, emb, train)
             skips.append(h)
     h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, emb, train=train)
     h = AttentionBlock(name="mid_attn", **attn)(h)

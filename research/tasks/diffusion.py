@@ -241,7 +241,7 @@ class DiffusionTask(Task):
 
         _, model, params, step = load_run(workdir, options.step, use_ema=options.use_ema)
         num_classes = int(config.model.get("num_classes", 0))
-        guide = _load_classifier(options.classifier, options.classifier_scale, config, num_classes, options.use_ema)
+        guide = load_classifier(options.classifier, options.classifier_scale, config, num_classes, options.use_ema)
         if guide is not None:
             num_classes = int(guide[0].num_classes)
 
@@ -280,7 +280,7 @@ class DiffusionTask(Task):
         return run
 
 
-def _load_classifier(classifier, scale, config, num_classes: int, use_ema: bool):
+def load_classifier(classifier, scale, config, num_classes: int, use_ema: bool):
     """(model, params, scale) of a noise-aware classifier run for classifier guidance, or None without one."""
     if classifier is None:
         return None

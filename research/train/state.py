@@ -53,12 +53,18 @@ def init_train_state(
 
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to lr over warmup_steps (DDPM), then constant or cosine decay to 0."""
+    """Linear warmup from 0 to lr over warmup_steps (DDPM), then constant, cosine decay to 0, or linear decay to 0
+    at num_steps (ADM's anneal_lr)."""
     lr, warmup = optim_config.lr, int(optim_config.warmup_steps)
     if optim_config.lr_schedule == "constant":
         if warmup == 0:
             return optax.constant_schedule(lr)
         return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    if optim_config.lr_schedule == "linear":
+        decay = optax.linear_schedule(lr, 0.0, max(num_steps - warmup, 1))
+        if warmup == 0:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(num_steps, warmup + 1), 0.0)
 
 
