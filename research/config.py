@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
             b2=0.999,
             eps=1e-8,
             weight_decay=0.0,
+            decay_matrices_only=False,  # adamw: decay only parameters with 2+ dimensions (CLIP: no gains, biases)
             warmup_steps=5000,
             lr_schedule="constant",  # constant | cosine | linear (both decay to 0 at train.num_steps)
             grad_clip=1.0,  # global-norm clip; 0 disables

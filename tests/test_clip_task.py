@@ -246,3 +246,21 @@ def test_clipscore_of_a_hugging_face_folder_equals_transformers(tmp_path):
         txt = getattr(txt, "pooler_output", txt)
         cos = torch.nn.functional.cosine_similarity(img, txt).numpy()
     assert result["clip_score"] == pytest.approx(float(np.mean(100 * np.maximum(cos, 0))), rel=1e-3, abs=1e-3)
+
+
+def test_decay_matrices_only_spares_gains_biases_and_scalars():
+    """optim.decay_matrices_only (CLIP's recipe): AdamW's decoupled decay reaches matrices and embeddings only."""
+    from research.config import base_config
+    from research.train.state import make_optimizer
+
+    optim = base_config().optim
+    optim.optimizer, optim.lr, optim.weight_decay, optim.warmup_steps, optim.grad_clip = "adamw", 0.1, 0.5, 0, 0.0
+    params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "logit_scale": jnp.ones(())}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for only, expected in ((True, {"kernel": 0.95, "bias": 1.0, "logit_scale": 1.0}), (False, None)):
+        optim.decay_matrices_only = only
+        tx = make_optimizer(optim, 10)
+        updates, _ = tx.update(zero, tx.init(params), params)
+        new = jax.tree.map(lambda p, u: p + u, params, updates)
+        for name, value in (expected or {k: 0.95 for k in params}).items():
+            np.testing.assert_allclose(new[name], value, rtol=1e-6)

@@ -68,6 +68,10 @@ def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(num_steps, warmup + 1), 0.0)
 
 
+def _matrices(params):
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(optim_config, num_steps)
     # identity() keeps the chain's state structure when clipping is off, so grad_clip can change on resume.
@@ -82,6 +86,8 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
                 b2=optim_config.b2,
                 eps=optim_config.eps,
                 weight_decay=optim_config.weight_decay,
+                # CLIP (and open_clip) decay weight matrices and embeddings only: no gains, biases or scalars.
+                mask=_matrices if optim_config.get("decay_matrices_only", False) else None,
             )
         )
     return optax.chain(*parts)
