@@ -80,16 +80,14 @@ def _run_encoders(workdir, config, batch_size, progress) -> ClipEncoders:
 
 
 def _hf_encoders(folder, batch_size, progress) -> ClipEncoders:
-    import jax
-
     from research.data.text import load_tokenizer, tokenize
-    from research.metrics.clip import embed_in_batches
     from research.models.clip import CLIP
     from research.pretrained.convert_clip import load_hf_clip, read_hf_folder
+    from research.tasks.clip import encoders
 
     hf = read_hf_folder(folder)
     fields, params = load_hf_clip(hf)
-    model = CLIP(**fields)
+    encode_images, encode_tokens = encoders(CLIP(**fields), batch_size)
     tok_folder = folder if os.path.isfile(os.path.join(folder, "vocab.json")) else None
     tokenizer = load_tokenizer(tok_folder)
     size = int(fields["image_size"])
@@ -98,16 +96,12 @@ def _hf_encoders(folder, batch_size, progress) -> ClipEncoders:
     if os.path.isfile(pre):
         p = json.load(open(pre))
         mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
-    image_fn = jax.jit(lambda x: model.apply({"params": params}, x, method=model.encode_image))
-    text_fn = jax.jit(lambda t: model.apply({"params": params}, t, method=model.encode_text))
 
     def images(pixels):
-        x = preprocess_for_clip(pixels, size, mean, std)
-        return embed_in_batches(image_fn, x, min(batch_size, len(x)), desc="images", progress=progress)
+        return encode_images(params, preprocess_for_clip(pixels, size, mean, std), progress)
 
     def texts(strings):
-        tokens = tokenize(tokenizer, list(strings), int(fields["context_length"]))
-        return embed_in_batches(text_fn, tokens, min(batch_size, len(tokens)), desc="captions", progress=progress)
+        return encode_tokens(params, tokenize(tokenizer, list(strings), int(fields["context_length"])), progress)
 
     return ClipEncoders(images, texts, f"Hugging Face CLIP {os.path.abspath(folder)} (sha256 {hf.sha256[:12]})", None)
 

@@ -94,6 +94,25 @@ class _Block(nn.Module):
         return x + dense(w, proj_std, "fc2")(h)
 
 
+def _blocks(tower, x: jax.Array, mask) -> list:
+    """The outputs of every block of a tower (a module with width, heads, mlp_dim, act, layers, layer_norm_eps,
+    dtype), built as its submodules block_0 ... block_{layers - 1} from inside its compact method."""
+    outputs = []
+    for i in range(tower.layers):
+        x = _Block(
+            tower.width,
+            tower.heads,
+            tower.mlp_dim,
+            tower.act,
+            tower.layers,
+            tower.layer_norm_eps,
+            tower.dtype,
+            name=f"block_{i}",
+        )(x, mask)
+        outputs.append(x)
+    return outputs
+
+
 class CLIPTextTransformer(nn.Module):
     """CLIP's text encoder: token + learned position embeddings, causal pre-norm blocks, final layer norm.
 
@@ -130,19 +149,7 @@ class CLIPTextTransformer(nn.Module):
         pos = self.param("position_embedding", _normal(0.01), (self.context_length, self.width), jnp.float32)
         x = (embed(tokens) + pos[:length]).astype(self.dtype)
         causal = jnp.tril(jnp.ones((length, length), bool))
-        outputs = []
-        for i in range(self.layers):
-            x = _Block(
-                self.width,
-                self.heads,
-                self.mlp_dim,
-                self.act,
-                self.layers,
-                self.layer_norm_eps,
-                self.dtype,
-                name=f"block_{i}",
-            )(x, causal)
-            outputs.append(x)
+        outputs = _blocks(self, x, causal)
         final_norm = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")
         last = final_norm(outputs[-1])
         hidden = last if output_layer == -1 else final_norm(outputs[output_layer])
@@ -193,17 +200,7 @@ class CLIPVisionTransformer(nn.Module):
         pos = self.param("position_embedding", _normal(scale), (x.shape[1] + 1, self.width), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], axis=1)
         x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x + pos.astype(x.dtype))
-        for i in range(self.layers):
-            x = _Block(
-                self.width,
-                self.heads,
-                self.mlp_dim,
-                self.act,
-                self.layers,
-                self.layer_norm_eps,
-                self.dtype,
-                name=f"block_{i}",
-            )(x, None)
+        x = _blocks(self, x, None)[-1]
         pooled = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="post_norm")(x[:, 0])
         return x, pooled
 

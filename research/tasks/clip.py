@@ -144,12 +144,12 @@ def encoders(model, batch_size: int = 500):
     return encode_images, encode_tokens
 
 
-def zeroshot(model, params, images, labels, heldout_tokens: np.ndarray, batch_size: int = 500) -> dict:
+def zeroshot(encode, params, images, labels, heldout_tokens: np.ndarray) -> dict:
     """Zero-shot accuracy of images [N, H, W, C] (model range) with the prompt ensemble of heldout_tokens
-    [classes, templates, L]."""
+    [classes, templates, L]; encode is the pair `encoders(model)` returns (compiled once, reused every call)."""
     from research.metrics.clip import zeroshot_accuracy, zeroshot_classifier
 
-    encode_images, encode_tokens = encoders(model, batch_size)
+    encode_images, encode_tokens = encode
     c, t, length = heldout_tokens.shape
     text = encode_tokens(params, heldout_tokens.reshape(c * t, length)).reshape(c, t, -1)
     return zeroshot_accuracy(encode_images(params, images), labels, zeroshot_classifier(text))
@@ -188,13 +188,13 @@ class ClipTask(Task):
                 f"task='clip' trains on captioned data; data.name={config.data.name!r} has no captions here "
                 f"(captioned: {list(CAPTIONED)}; image-text datasets are not supported yet)"
             )
-        for split in ("train", "heldout"):
-            caption_tokens(config, split)  # the tokenizer loads and every caption fits model.context_length
+        # The tokenizer loads and every caption fits model.context_length (the held-out ones are the preview's).
+        train_tokens, _ = caption_tokens(config, "train"), caption_tokens(config, "heldout")
         tc = config.train
         model = build_network(config)
         txs = {"net": make_optimizer(config.optim, tc.num_steps)}
         lr_schedule = learning_rate_schedule(config.optim, tc.num_steps)
-        loss_fn = make_clip_loss_fn(model, config, caption_tokens(config, "train"))
+        loss_fn = make_clip_loss_fn(model, config, train_tokens)
         step_fn = make_clip_step(loss_fn, txs, lr_schedule, tc.ema_decay, tc.ema_warmup)
         ema_parts = ("net",) if tc.ema_decay > 0 else ()
 
@@ -214,12 +214,13 @@ class ClipTask(Task):
         pixels, labels = make_eval_arrays(config.data, "test", num)
         images = to_model_range(pixels, centered=config.data.centered)
         heldout = caption_tokens(config, "heldout")
+        encode = encoders(trainer.model)
 
         def write(state, path):
             workdir = os.path.dirname(os.path.dirname(path))
             step = int(jax.device_get(state.step))
             params = jax.device_get(state.sampling_params("net"))
-            result = zeroshot(trainer.model, params, images, labels, heldout)
+            result = zeroshot(encode, params, images, labels, heldout)
             log_path = os.path.join(workdir, "zeroshot.jsonl")
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "num": num, **result}) + "\n")
