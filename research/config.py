@@ -23,13 +23,15 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with defaults; experiment files override values, never add keys."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "diffusion"  # a registered task (research/tasks/): diffusion | autoencoder | fewstep
+    c.task = "diffusion"  # a registered task (research/tasks/): diffusion | autoencoder | fewstep | text_to_image | ...
 
     c.data = ml_collections.ConfigDict(
         dict(
-            name="digits",  # digits | mnist | fashion_mnist | cifar10 | tfds | synthetic
+            name="digits",  # digits | mnist | fashion_mnist | cifar10 | tfds | imagefolder | synthetic
             data_dir="",  # '' -> $RESEARCH_DATA_DIR/<name> for file-based sets
             tfds_name="",  # with name='tfds'
+            caption_key="",  # image-caption data: imagefolder's caption column ('' -> text); TFDS: the text
+            # feature, '/' for nesting (coco_captions: captions/text, the first of each image's captions)
             image_size=8,
             channels=1,
             num_classes=10,
@@ -212,6 +214,23 @@ def base_config() -> ml_collections.ConfigDict:
             eval_num=2000,  # test images of the zero-shot check written every train.sample_every steps
         )
     )
+    # task='text_to_image' (Rombach et al. 2022): a text-conditional U-Net (model.name='cond_unet') on captioned data,
+    # conditioned on a text encoder's token embeddings through cross-attention. Prompt dropout for classifier-free
+    # guidance is diffusion.cond_drop_prob: a dropped example's caption becomes the empty prompt.
+    c.text = ml_collections.ConfigDict(
+        dict(
+            encoder="",  # '' -> a text transformer trained with the U-Net (LDM's choice); a CLIP run's workdir
+            # (task='clip') -> its text tower, frozen (the run is referenced, as latent.autoencoder is)
+            tokenizer="",  # folder with the CLIP tokenizer; '' -> $RESEARCH_DATA_DIR/clip
+            context_length=77,  # tokens per caption (the jointly trained encoder's; a CLIP run brings its own)
+            width=256,  # the jointly trained encoder: width, blocks and heads (CLIP's text transformer)
+            layers=4,
+            heads=4,
+            act="quick_gelu",  # its MLP activation: quick_gelu (OpenAI CLIP, SD 1.x) | gelu (OpenCLIP, SD 2.x)
+            output_layer=-1,  # the encoder's block whose (final-LN) hidden states condition: -1 last, -2 penultimate
+            mask=True,  # cross-attention ignores padding tokens (Stable Diffusion attends all 77: False)
+        )
+    )
     c.lock()
     return c
 
@@ -382,7 +401,7 @@ def parse_config_args(argv: Sequence[str]):
 
 
 _CHOICES = {
-    "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "tfds", "synthetic"),
+    "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "tfds", "imagefolder", "synthetic"),
     "diffusion.schedule": ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid"),
     "diffusion.prediction": ("eps", "x0", "v"),
     "diffusion.var_type": ("fixed_small", "fixed_large", "learned_range"),
