@@ -75,11 +75,15 @@ def build_network(config):
 
 
 def example_cond(config, batch: int = 1):
-    """The Cond a network of this config is initialised with (labels for a class-conditional model)."""
+    """The Cond a network of this config is initialised with (labels for a class-conditional model, zero text
+    embeddings [batch, context_length, cross_attention_dim] for the text-conditional U-Net)."""
     import jax.numpy as jnp
 
     from research.cond import Cond
 
+    if config.model.name == "cond_unet":  # text token embeddings [batch, L, D]
+        length = int(config.model.get("context_length", 77))
+        return Cond(text=jnp.zeros((batch, length, int(config.model.cross_attention_dim)), jnp.float32))
     if config.model.get("num_classes", 0):
         return Cond(label=jnp.zeros((batch,), jnp.int32))
     return None

@@ -9,6 +9,9 @@ other per-example field the source provides (e.g. ``'caption'``: a ``str``,
   configs can be validated before anything expensive happens;
 * ``num_classes``: number of label values, or ``None`` when unknown.
 
+Image-caption sources (text-to-image and CLIP training) add ``'caption'``: ``ImageFolderSource`` (a folder with a
+Hugging Face imagefolder ``metadata.jsonl``) and ``TfdsSource`` with a ``caption_key``.
+
 A source may also implement ``read_fields(indices)`` returning the same fields
 for a whole batch (every value with leading dimension ``len(indices)``), so a
 batch is built without N Python-level record reads. Sources whose whole split
@@ -38,6 +41,7 @@ __all__ = [
     "IDXSource",
     "Cifar10Source",
     "TfdsSource",
+    "ImageFolderSource",
     "SyntheticSource",
     "SOURCE_NAMES",
     "DATA_DIR_ENV",
@@ -46,7 +50,7 @@ __all__ = [
 ]
 
 DATA_DIR_ENV = "RESEARCH_DATA_DIR"
-SOURCE_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "tfds", "synthetic")
+SOURCE_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "tfds", "imagefolder", "synthetic")
 
 
 class DataError(ValueError):
@@ -386,11 +390,12 @@ class TfdsSource:
         download: bool = False,
         image_key: str = "image",
         label_key: str | None = "label",
+        caption_key: str | None = None,
     ) -> None:
         import tensorflow_datasets as tfds
 
         self.name, self.split, self.data_dir = name, split, data_dir
-        self.image_key, self.label_key = image_key, label_key
+        self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key or None
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
         except Exception as e:  # tfds raises many unrelated types for "not available".
@@ -409,6 +414,8 @@ class TfdsSource:
                 f"TFDS data set {name!r} has no {label_key!r} feature (features: {keys}); "
                 "pass label_key=None to use label 0 for every example"
             )
+        if self.caption_key is not None:
+            _feature_at(features, self.caption_key, f"TFDS data set {name!r}")
         shape = tuple(features[image_key].shape)
         if len(shape) == 2:
             shape = shape + (1,)
@@ -437,10 +444,151 @@ class TfdsSource:
                 "expected uint8 [H, W] or [H, W, C]"
             )
         label = 0 if self.label_key is None else record[self.label_key]
-        return {"image": image, "label": np.int32(label)}
+        out = {"image": image, "label": np.int32(label)}
+        if self.caption_key is not None:
+            out["caption"] = _first_text(_feature_at(record, self.caption_key, f"{self!r} record {index}"))
+        return out
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
+
+
+def _feature_at(tree: Any, path: str, where: str) -> Any:
+    """tree[a][b] for path 'a/b' (nested TFDS features such as coco_captions' 'captions/text')."""
+    node = tree
+    for part in path.split("/"):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, IndexError):
+            keys = list(node.keys()) if hasattr(node, "keys") else type(node).__name__
+            raise DataError(f"{where} has no caption feature {path!r} (no {part!r} among {keys})") from None
+    return node
+
+
+def _first_text(value: Any) -> str:
+    """A caption from a text feature: bytes are decoded as UTF-8; of a sequence of captions (COCO has five per
+    image) the first is used, so an example's caption is the same at every read (exact resume)."""
+    if isinstance(value, np.ndarray) and value.ndim > 0 or isinstance(value, (list, tuple)):
+        if not len(value):
+            return ""
+        value = value[0]
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return str(value)
+
+
+# --------------------------------------------------------------------------- imagefolder with captions
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageFolderSource:
+    """Images with captions in a folder laid out as Hugging Face's ``imagefolder`` expects: a ``metadata.jsonl``
+    whose lines are ``{"file_name": "<path relative to the metadata file>", "text": "<caption>", ...}``.
+
+    ``directory/<split>/metadata.jsonl`` is the split's folder; for ``split='train'`` a ``metadata.jsonl`` directly
+    in ``directory`` also works. ``caption_key`` names the caption column (default ``text``); an integer ``label``
+    column, when present, becomes the label (else 0). Each image is read with Pillow on access, converted to
+    ``channels`` (1: grayscale, 3: RGB), its shorter side resized to ``image_size`` (bicubic, antialiased) and
+    centre-cropped to ``image_size`` x ``image_size``, as text-to-image fine-tuning scripts prepare their data.
+    Records: ``{'image': uint8 [S, S, C], 'label': int32, 'caption': str}``.
+    """
+
+    def __init__(
+        self, directory: str, split: str = "train", *, image_size: int, channels: int, caption_key: str = "text"
+    ) -> None:
+        import json
+
+        self.directory, self.split = directory, split
+        self.image_size, self.channels, self.caption_key = int(image_size), int(channels), caption_key or "text"
+        if self.channels not in (1, 3):
+            raise DataError(f"imagefolder images are read as grayscale (1) or RGB (3), not {channels} channels")
+        root = os.path.join(directory, split)
+        if not os.path.isfile(os.path.join(root, "metadata.jsonl")) and split == "train":
+            root = directory
+        meta = os.path.join(root, "metadata.jsonl")
+        if not os.path.isfile(meta):
+            raise DataError(
+                f"no metadata.jsonl for split {split!r} in {directory!r} (looked for {os.path.join(directory, split)}"
+                f"/metadata.jsonl{' and ' + os.path.join(directory, 'metadata.jsonl') if split == 'train' else ''}); "
+                'write one line per image: {"file_name": "0001.png", "text": "a caption"}'
+            )
+        self.root = root
+        files, texts, labels = [], [], []
+        with open(meta, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{meta} line {number} is not JSON: {e}") from None
+                for key in ("file_name", self.caption_key):
+                    if not isinstance(row.get(key), str):
+                        raise DataError(
+                            f"{meta} line {number} has no text field {key!r} (fields: {sorted(row)}); set "
+                            "data.caption_key to the caption column"
+                            if key != "file_name"
+                            else f"{meta} line {number} has no 'file_name' (fields: {sorted(row)})"
+                        )
+                path = os.path.join(root, row["file_name"])
+                if not path.lower().endswith(_IMAGE_SUFFIXES):
+                    raise DataError(f"{meta} line {number}: {row['file_name']!r} is not an image file name")
+                if not os.path.isfile(path):
+                    raise DataError(f"{meta} line {number}: image {path} does not exist")
+                files.append(path)
+                texts.append(row[self.caption_key])
+                label = row.get("label", 0)
+                if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+                    raise DataError(f"{meta} line {number}: label {label!r} must be a non-negative integer")
+                labels.append(label)
+        if not files:
+            raise DataError(f"{meta} lists no images")
+        self._files, self._texts = files, texts
+        self._labels = np.asarray(labels, np.int32)
+        self.num_classes = int(self._labels.max()) + 1 if self._labels.any() else None
+
+    @property
+    def image_shape(self) -> tuple:
+        return (self.image_size, self.image_size, self.channels)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def _image(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self._files[index]) as img:
+            img = img.convert("L" if self.channels == 1 else "RGB")
+            w, h = img.size
+            scale = self.image_size / min(w, h)
+            size = (max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale)))
+            img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+            left, top = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
+            img = img.crop((left, top, left + self.image_size, top + self.image_size))
+            array = np.asarray(img, dtype=np.uint8)
+        return array[..., None] if array.ndim == 2 else array
+
+    def __getitem__(self, index: int) -> dict:
+        index = _check_index(index, len(self._files))
+        return {"image": self._image(index), "label": self._labels[index], "caption": self._texts[index]}
+
+    def read_fields(self, indices: Any) -> dict[str, np.ndarray]:
+        indices = [_check_index(int(i), len(self._files)) for i in np.asarray(indices).reshape(-1)]
+        if not indices:
+            empty = np.zeros((0, *self.image_shape), np.uint8)
+            return {"image": empty, "label": np.zeros((0,), np.int32), "caption": np.zeros((0,), str)}
+        return {
+            "image": np.stack([self._image(i) for i in indices]),
+            "label": self._labels[indices],
+            "caption": np.array([self._texts[i] for i in indices], dtype=str),
+        }
+
+    def __repr__(self) -> str:
+        return f"ImageFolderSource({self.directory!r}, split={self.split!r})"
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -644,6 +792,10 @@ def _check_shape(source: Any, data_config: Any, name: str) -> None:
         raise DataError(f"{name} has {have} classes but data.num_classes={want}; set --config.data.num_classes={have}")
 
 
+def _missing_size() -> int:
+    raise DataError("data.name='imagefolder' needs data.image_size (images are resized and centre-cropped to it)")
+
+
 def get_source(data_config: Any, split: str = "train", *, check_shape: bool = True):
     """Builds the source described by ``data_config`` for ``split``.
 
@@ -678,8 +830,27 @@ def get_source(data_config: Any, split: str = "train", *, check_shape: bool = Tr
         tfds_name = _field(data_config, "tfds_name", "") or ""
         if not tfds_name:
             raise DataError("data.name='tfds' needs data.tfds_name (e.g. --config.data.tfds_name=mnist)")
-        source = TfdsSource(tfds_name, split, data_dir=_field(data_config, "data_dir", "") or None)
+        source = TfdsSource(
+            tfds_name,
+            split,
+            data_dir=_field(data_config, "data_dir", "") or None,
+            caption_key=_field(data_config, "caption_key", "") or None,
+        )
         name = f"TFDS {tfds_name!r}"
+    elif name == "imagefolder":
+        data_dir = _field(data_config, "data_dir", "") or ""
+        if not data_dir:
+            raise DataError(
+                "data.name='imagefolder' needs data.data_dir: a folder with metadata.jsonl (file_name, text) "
+                "per split, as Hugging Face's imagefolder reads"
+            )
+        source = ImageFolderSource(
+            os.path.expanduser(data_dir),
+            split,
+            image_size=int(_field(data_config, "image_size", 0) or 0) or _missing_size(),
+            channels=int(_field(data_config, "channels", 3) or 3),
+            caption_key=_field(data_config, "caption_key", "") or "text",
+        )
     else:  # synthetic
         size = _field(data_config, "image_size", None)
         channels = _field(data_config, "channels", None)

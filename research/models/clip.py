@@ -417,6 +417,19 @@ def named_architecture(name: str) -> dict:
     )
 
 
+def stable_diffusion_text_encoder(version: str) -> dict:
+    """CLIPTextTransformer fields of Stable Diffusion's text encoders: version '1' (SD 1.x: OpenAI CLIP ViT-L/14's
+    text tower, width 768, 12 layers, quick-GELU) or '2' (SD 2.x: OpenCLIP ViT-H/14's text tower, width 1024, GELU,
+    of which the released pipelines keep 23 of the 24 layers: SD 2 conditions on the penultimate layer, after the
+    final layer norm, and diffusers ships the encoder already cut there)."""
+    common = dict(vocab_size=49408, context_length=77, mlp_dim=0, eos_token_id=49407, layer_norm_eps=1e-5)
+    if version == "1":
+        return dict(width=768, layers=12, heads=12, act="quick_gelu", **common)
+    if version == "2":
+        return dict(width=1024, layers=23, heads=16, act="gelu", **common)
+    raise ValueError(f"Stable Diffusion text encoder version {version!r}; choose '1' (v1.x) or '2' (v2.x)")
+
+
 def count_params(tree) -> int:
     """Number of scalars in a parameter tree (arrays or jax.ShapeDtypeStruct leaves)."""
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))

@@ -57,6 +57,14 @@ def _clip():
     return CLIP
 
 
+@register_model("cond_unet")
+def _cond_unet():
+    # Stable Diffusion's text-conditional U-Net (diffusers UNet2DConditionModel layout).
+    from research.models.cond_unet import CondUNet
+
+    return CondUNet
+
+
 def model_names():
     return sorted(_REGISTRY)
 
@@ -122,6 +130,10 @@ def check_input_shape(model_config, shape) -> None:
 
         check_autoencoder_resolution((height, width), len(cfg["ch_mult"]))
         _check_group_norm(cfg, len(cfg["ch_mult"]))
+    elif name == "cond_unet":
+        from research.models.cond_unet import check_cond_unet_input
+
+        check_cond_unet_input(cfg, shape)
     elif name == "clip":
         from research.models.clip import CLIP
 

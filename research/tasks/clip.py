@@ -3,7 +3,10 @@
 Data: a captioned dataset. For MNIST, Fashion-MNIST and the 8x8 digits the caption of an example is one of the
 dataset's training templates filled with its class name ("a photo of a coat.", "the digit 7."), drawn anew at
 every step inside the compiled step from a token table [classes, templates, context] (research/data/text.py); the
-held-out templates never appear in training and give the zero-shot headline number.
+held-out templates never appear in training and give the zero-shot headline number. Image-caption data
+(data.name='imagefolder' with a metadata.jsonl, or 'tfds' with data.caption_key) brings its own captions: the
+batch preparer tokenizes them on the host (padding and truncation as research.data.text.tokenize) and the step
+encodes them as they are; the periodic check is then image<->text retrieval on the test split's pairs.
 
 Objective, per global batch of B (image, caption) pairs: clip.loss='clip' is CLIP's symmetric cross-entropy over
 exp(logit_scale) * cos(image_i, text_j) [B, B]; 'siglip' the pairwise sigmoid loss with a learned bias. Under jit
@@ -37,17 +40,22 @@ from research.tasks import Task, Trainer, register_task
 from research.tasks.common import compile_trainer, model_meta
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
-CAPTIONED = ("mnist", "fashion_mnist", "digits")
+CAPTIONED = ("mnist", "fashion_mnist", "digits")  # captions from class names and templates
+
+
+def source_captions(config) -> bool:
+    """Whether the run's data brings its own captions (an imagefolder, or TFDS with data.caption_key)."""
+    name = config.data.name
+    return name == "imagefolder" or (name == "tfds" and bool(config.data.caption_key))
 
 
 def caption_tokens(config, split: str = "train") -> np.ndarray:
     """[classes, templates, model.context_length] int32 token table of the run's dataset captions."""
     from research.data import DataError
-    from research.data.text import caption_table, load_tokenizer
+    from research.data.text import caption_table
 
     try:
-        tokenizer = load_tokenizer(config.clip.tokenizer or None)
-        return caption_table(tokenizer, config.data.name, split, int(config.model.context_length))
+        return caption_table(_tokenizer(config), config.data.name, split, int(config.model.context_length))
     except DataError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 
@@ -77,15 +85,19 @@ def make_clip_loss_fn(model, config, table: np.ndarray):
     def loss_fn(params, batch, rng):
         labels = batch["label"].astype(jnp.int32)
         template_key, shift_key = jax.random.split(rng)
-        index = labels * num_templates + jax.random.randint(template_key, labels.shape, 0, num_templates)
         images = random_shift(batch["image"], shift_key, shift, background)
         variables = {"params": params}
         image_emb = model.apply(variables, images, method=model.encode_image)
-        if flat.shape[0] < labels.shape[0]:
+        if "tokens" in batch:  # the data's own captions: caption i describes image i alone
+            text_emb = model.apply(variables, batch["tokens"], method=model.encode_text)
+            labels = jnp.arange(labels.shape[0])
+        elif flat.shape[0] < labels.shape[0]:
+            index = labels * num_templates + jax.random.randint(template_key, labels.shape, 0, num_templates)
             # Fewer distinct captions than examples: encode each once and gather (the same embeddings and
             # gradients as encoding the batch's captions one by one, at a fraction of the text tower's cost).
             text_emb = model.apply(variables, flat, method=model.encode_text)[index]
         else:
+            index = labels * num_templates + jax.random.randint(template_key, labels.shape, 0, num_templates)
             text_emb = model.apply(variables, flat[index], method=model.encode_text)
         if siglip:
             loss = siglip_loss(image_emb, text_emb, params["logit_scale"], params["logit_bias"])
@@ -183,13 +195,18 @@ class ClipTask(Task):
     def build_trainer(self, config, mesh) -> Trainer:
         # Captions are checked here, not in validate, so that `research.summary` describes a config (such as
         # configs/clip_vitb32.py) whose data this codebase cannot caption yet.
-        if config.data.name not in CAPTIONED:
+        if config.data.name not in CAPTIONED and not source_captions(config):
             raise ConfigError(
-                f"task='clip' trains on captioned data; data.name={config.data.name!r} has no captions here "
-                f"(captioned: {list(CAPTIONED)}; image-text datasets are not supported yet)"
+                f"task='clip' trains on captioned data; data.name={config.data.name!r} has no captions here: use "
+                f"{list(CAPTIONED)} (template captions), data.name='imagefolder' (metadata.jsonl) or 'tfds' with "
+                "data.caption_key"
             )
-        # The tokenizer loads and every caption fits model.context_length (the held-out ones are the preview's).
-        train_tokens, _ = caption_tokens(config, "train"), caption_tokens(config, "heldout")
+        if source_captions(config):
+            _tokenizer(config)  # fails now, not at the first batch, when the tokenizer folder is missing
+            train_tokens = np.zeros((1, 1, int(config.model.context_length)), np.int32)  # unused
+        else:
+            # The tokenizer loads and every caption fits model.context_length (the held-out ones are the preview's).
+            train_tokens, _ = caption_tokens(config, "train"), caption_tokens(config, "heldout")
         tc = config.train
         model = build_network(config)
         txs = {"net": make_optimizer(config.optim, tc.num_steps)}
@@ -207,7 +224,23 @@ class ClipTask(Task):
         )
         return compile_trainer(config, mesh, model, abstract, init, step_fn, model_meta(config, abstract))
 
+    def batch_preparer(self, config, trainer: Trainer):
+        if not source_captions(config):
+            return None
+        from research.data.text import tokenize
+
+        tokenizer, length = _tokenizer(config), int(config.model.context_length)
+
+        def prepare(batch, step):
+            arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
+            tokens = tokenize(tokenizer, list(batch["caption"]), length)
+            return dict(arrays, tokens=jax.make_array_from_process_local_data(trainer.batch_sharding, tokens))
+
+        return prepare
+
     def preview(self, config, trainer: Trainer):
+        if source_captions(config):
+            return self._retrieval_preview(config, trainer)
         from research.data import get_source, make_eval_arrays, to_model_range
 
         num = min(int(config.clip.eval_num), len(get_source(config.data, "test")))
@@ -228,8 +261,44 @@ class ClipTask(Task):
 
         return write
 
+    def _retrieval_preview(self, config, trainer: Trainer):
+        """Image<->caption recall@1/5 of the first clip.eval_num test pairs, appended to RUN/retrieval.jsonl."""
+        from research.data import DataError, get_source, read_fields, to_model_range
+        from research.data.text import tokenize
+        from research.metrics.clip import retrieval_recall
 
-def plot_curve(log_path: str, png_path: str) -> str:
+        try:
+            source = get_source(config.data, "test")
+        except DataError:  # a folder without a test split: the first pairs of the training data
+            source = get_source(config.data, "train")
+        fields = read_fields(source, np.arange(min(int(config.clip.eval_num), len(source))))
+        images = to_model_range(fields["image"], centered=config.data.centered)
+        tokens = tokenize(_tokenizer(config), list(fields["caption"]), int(config.model.context_length))
+        encode_images, encode_tokens = encoders(trainer.model)
+
+        def write(state, path):
+            workdir = os.path.dirname(os.path.dirname(path))
+            params = jax.device_get(state.sampling_params("net"))
+            result = retrieval_recall(encode_images(params, images), encode_tokens(params, tokens))
+            log_path = os.path.join(workdir, "retrieval.jsonl")
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": int(jax.device_get(state.step)), "num": len(images), **result}) + "\n")
+            return plot_curve(log_path, path, key="i2t@1", ylabel="image->text recall@1 (test pairs)")
+
+        return write
+
+
+def _tokenizer(config):
+    from research.data import DataError
+    from research.data.text import load_tokenizer
+
+    try:
+        return load_tokenizer(config.clip.tokenizer or None)
+    except DataError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def plot_curve(log_path: str, png_path: str, key: str = "top1", ylabel: str = "zero-shot top-1 (held-out templates)"):
     """The zero-shot learning curve of RUN/zeroshot.jsonl drawn to png_path."""
     import matplotlib
 
@@ -243,9 +312,9 @@ def plot_curve(log_path: str, png_path: str) -> str:
     steps = sorted(rows)
     os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(steps, [rows[s]["top1"] for s in steps], "o-")
+    ax.plot(steps, [rows[s][key] for s in steps], "o-")
     ax.set_xlabel("training step")
-    ax.set_ylabel("zero-shot top-1 (held-out templates)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
