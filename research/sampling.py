@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,26 @@ def to_uint8(x, centered: bool = True) -> np.ndarray:
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
+@dataclasses.dataclass
+class TextConditioner:
+    """Prompts as the condition of a text-conditional run (task 'text_to_image'), for Generator.
+
+    The labels passed to Generator.generate index the prompts: example i is conditioned on tokens[labels[i]]
+    [L] int32 and its unconditional branch on null_tokens [L] (the empty prompt's tokens, the condition that
+    prompt dropout trains). encode(params, tokens [B, L]) -> Cond runs the text encoder inside the sampler's
+    compiled program, once per batch before the denoising loop; params (the encoder's) travel as an argument,
+    not as constants of the program."""
+
+    encode: Callable
+    params: Any
+    tokens: np.ndarray
+    null_tokens: np.ndarray
+
+    @property
+    def num_prompts(self) -> int:
+        return int(len(self.tokens))
+
+
 class Generator:
     """Compiles one sampler for a fixed batch shape, then draws any number of samples in batches.
 
@@ -83,10 +104,13 @@ class Generator:
         guidance_rescale: float = 0.0,
         grid: Optional[str] = None,
         classifier=None,
+        text: Optional[TextConditioner] = None,
     ):
         """guidance: classifier-free guidance scale in diffusers' sense, s = 1 + w (1 or None: no guidance); needs
-        a class-conditional model trained with condition dropout (model.null_label). guidance_rescale: diffusers'
-        guidance_rescale (std matching of the guided prediction, 0 disables).
+        a class-conditional model trained with condition dropout (model.null_label), or prompts (text) whose empty
+        prompt is the null condition.
+        text: the prompts of a text-conditional model (TextConditioner); labels then index them.
+        guidance_rescale: diffusers' guidance_rescale (std matching of the guided prediction, 0 disables).
         classifier: (model, params, scale) of a noise-aware classifier (task 'noisy_classifier', trained on this
         run's schedule) for classifier guidance (Dhariwal & Nichol 2021, the eps-shift form, every sampler): eps is
         shifted by -sqrt(1 - abar) * scale * grad_x log p(y | x_t); scale 0 or None disables. The classes y are the
@@ -109,7 +133,8 @@ class Generator:
         else:
             self.schedule = sampling_schedule(full, steps)
             self.num_steps = self.schedule.num_steps
-        self.conditional = bool(config.model.get("num_classes", 0))
+        self.text = text
+        self.conditional = bool(config.model.get("num_classes", 0)) or text is not None
         shape = (self.batch_size, *model_input_shape(config))
         # Latent diffusion: samples are drawn in latent space and decoded by the run's autoencoder (the trainer
         # passes the one it already holds).
@@ -127,14 +152,14 @@ class Generator:
             kwargs["var_type"] = config.diffusion.var_type
         schedule, name = self.schedule, self.sampler
         self.guidance = None if guidance is None or float(guidance) == 1.0 else float(guidance)
-        if self.guidance is not None:
+        if self.guidance is not None and text is None:
             if not self.conditional or not config.model.get("null_label", False):
                 raise ValueError(
                     "classifier-free guidance needs a class-conditional model trained with condition dropout "
                     "(model.num_classes > 0, model.null_label=True, diffusion.cond_drop_prob > 0); this run has none"
                 )
-            if not self.guidance >= 0:
-                raise ValueError(f"the guidance scale must be >= 0 (1: no guidance), got {guidance}")
+        if self.guidance is not None and not self.guidance >= 0:
+            raise ValueError(f"the guidance scale must be >= 0 (1: no guidance), got {guidance}")
         null_label, channels = int(config.model.get("num_classes", 0)), shape[-1]
         clf_model, self._classifier_params, clf_scale = classifier if classifier is not None else (None, None, None)
         self.classifier_scale = None if clf_scale is None or float(clf_scale) == 0.0 else float(clf_scale)
@@ -144,14 +169,14 @@ class Generator:
             self.classifier_classes = int(clf_model.num_classes)
         conditional = self.conditional
 
-        def denoiser(params, labels, clf_params):
+        def denoiser(params, labels, clf_params, null=None):
             base = make_denoiser(model, params)
             if not conditional:
                 # Labels travel in cond for a classifier only; an unconditional network gets none.
                 unconditional = base
                 base = lambda x_t, t, cond: unconditional(x_t, t, None)  # noqa: E731
             if self.guidance is not None:
-                null = Cond(label=jnp.full_like(labels, null_label))
+                null = Cond(label=jnp.full_like(labels, null_label)) if null is None else null
                 base = guided_denoiser(
                     base,
                     null,
@@ -172,9 +197,13 @@ class Generator:
                 config.diffusion.prediction,
             )
 
-        def run(params, key, labels, clf_params=None):
-            cond = None if labels is None else Cond(label=labels)
-            denoise = denoiser(params, labels, clf_params)
+        def run(params, key, labels, clf_params=None, text_params=None, tokens=None, null_tokens=None):
+            cond, null = None if labels is None else Cond(label=labels), None
+            if text is not None:
+                cond = text.encode(text_params, tokens[labels])
+                if self.guidance is not None:
+                    null = text.encode(text_params, jnp.broadcast_to(null_tokens, (labels.shape[0], null_tokens.size)))
+            denoise = denoiser(params, labels, clf_params, null)
             return samplers.sample(name, denoise, schedule, key, shape, cond=cond, **kwargs)
 
         self._run = jax.jit(run)
@@ -182,7 +211,9 @@ class Generator:
     def generate(self, params, num: int, seed: int = 0, labels: Optional[np.ndarray] = None, progress: bool = True):
         """-> (samples float32 [num, H, W, C] in model range, labels or None, NFE per sample); a latent diffusion
         run's samples are decoded to pixels."""
-        if self.conditional and labels is None:
+        if self.text is not None and labels is None:
+            labels = np.arange(num) % self.text.num_prompts
+        elif self.conditional and labels is None:
             labels = np.arange(num) % self.config.model.num_classes
         if self.classifier_scale is not None and labels is None:
             labels = np.arange(num) % self.classifier_classes
@@ -196,7 +227,9 @@ class Generator:
             if labels is not None:
                 chunk = np.asarray(labels[b * self.batch_size : (b + 1) * self.batch_size], np.int32)
                 lab = jnp.asarray(np.resize(chunk, self.batch_size))  # pad the last batch by repetition
-            result = self._run(params, jax.random.fold_in(base, b), lab, self._classifier_params)
+            text = self.text
+            prompts = () if text is None else (text.params, jnp.asarray(text.tokens), jnp.asarray(text.null_tokens))
+            result = self._run(params, jax.random.fold_in(base, b), lab, self._classifier_params, *prompts)
             samples = result.samples
             if self.autoencoder is not None:
                 samples = self.autoencoder.decode_latents(samples)

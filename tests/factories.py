@@ -139,6 +139,30 @@ def make_tiny_clip_config():
     return c
 
 
+def make_tiny_t2i_config():
+    """A text-conditional U-Net on captioned 8x8 digits (two levels of 16 and 32 channels, cross-attention in the
+    middle block) with a jointly trained text encoder (width 32, 2 layers, 16 tokens) and prompt dropout."""
+    c = make_tiny_config()
+    c.task = "text_to_image"
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="cond_unet",
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            cross_attention_levels=(False, False),  # cross-attention in the middle block only
+            attention_head_dim=2,
+            cross_attention_dim=32,
+            norm_num_groups=8,
+            dropout=0.1,
+            context_length=16,
+        )
+    )
+    c.text.width, c.text.layers, c.text.heads, c.text.context_length = 32, 2, 2, 16
+    c.diffusion.cond_drop_prob = 0.1
+    c.sample.num = 10
+    return c
+
+
 def make_tiny_resume_configs():
     """{task: (config, steps before the interruption)} for the parametrised resume and sharding tests. The
     autoencoder is stopped before its discriminator starts and resumed across the switch."""
@@ -151,4 +175,5 @@ def make_tiny_resume_configs():
         "fewstep": (make_tiny_ct_config(), 3),
         "noisy_classifier": (make_tiny_classifier_config(), 3),
         "clip": (make_tiny_clip_config(), 3),
+        "text_to_image": (make_tiny_t2i_config(), 3),
     }

@@ -224,21 +224,9 @@ class DiffusionTask(Task):
 
     def sampler(self, workdir: str, config, options: SampleOptions):
         from research.loader import load_run
-        from research.sampling import Generator, to_uint8
+        from research.sampling import to_uint8
 
-        name = options.sampler or config.sample.sampler
-        if options.eta is not None and name != "ddim":
-            raise ConfigError(f"--eta is DDIM's; the {name!r} sampler has none (drop --eta or use --sampler ddim)")
-        if options.grid is not None and name in ("ddpm", "ddim"):
-            raise ConfigError(f"--grid picks a solver's time grid; {name!r} runs on --steps (drop --grid)")
-        if options.steps is not None:
-            from research.sampling import sampling_schedule
-
-            try:
-                sampling_schedule(schedule_from_config(config.diffusion), options.steps)
-            except ValueError as e:
-                raise ConfigError(f"--steps {options.steps}: {e}") from None
-
+        check_sample_options(config, options)
         _, model, params, step = load_run(workdir, options.step, use_ema=options.use_ema)
         num_classes = int(config.model.get("num_classes", 0))
         guide = load_classifier(options.classifier, options.classifier_scale, config, num_classes, options.use_ema)
@@ -246,38 +234,66 @@ class DiffusionTask(Task):
             num_classes = int(guide[0].num_classes)
 
         def run(num, seed=0, progress=True):
-            gen = Generator(
-                model,
-                config,
-                sampler=options.sampler,
-                steps=options.steps,
-                eta=options.eta,
-                batch_size=min(options.batch_size or config.sample.batch_size, num),
-                guidance=options.guidance,
-                guidance_rescale=options.guidance_rescale,
-                grid=options.grid,
-                classifier=guide,
-            )
+            gen = options_generator(model, config, options, num, classifier=guide)
             labels = default_labels(num, num_classes)
             samples, _, nfe = gen.generate(
                 params, num, seed=seed, labels=labels if num_classes else None, progress=progress
             )
-            steps_name = str(options.steps if options.steps is not None else config.sample.steps).replace(",", "-")
-            guided = f"_cfg{gen.guidance:g}" if gen.guidance is not None else ""
-            if gen.classifier_scale is not None:
-                guided += f"_clf{gen.classifier_scale:g}"
-            if name not in ("ddpm", "ddim"):
-                guided = f"_{options.grid or config.sample.grid}{guided}"
             return Samples(
                 to_uint8(samples, config.data.centered),
                 labels,
                 nfe,
-                f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}{guided}_seed{seed}",
+                samples_name(gen, config, options, seed),
                 f"step {step} with {gen.sampler} ({gen.num_steps} steps, eta={gen.eta:g}, NFE={nfe})",
             )
 
         run.step = step
         return run
+
+
+def check_sample_options(config, options: SampleOptions) -> None:
+    """Refuse, with the fix, options of `research.sample` that the sampler they name cannot take."""
+    name = options.sampler or config.sample.sampler
+    if options.eta is not None and name != "ddim":
+        raise ConfigError(f"--eta is DDIM's; the {name!r} sampler has none (drop --eta or use --sampler ddim)")
+    if options.grid is not None and name in ("ddpm", "ddim"):
+        raise ConfigError(f"--grid picks a solver's time grid; {name!r} runs on --steps (drop --grid)")
+    if options.steps is not None:
+        from research.sampling import sampling_schedule
+
+        try:
+            sampling_schedule(schedule_from_config(config.diffusion), options.steps)
+        except ValueError as e:
+            raise ConfigError(f"--steps {options.steps}: {e}") from None
+
+
+def options_generator(model, config, options: SampleOptions, num: int, **kw):
+    """The Generator `research.sample`'s options describe, for batches of at most num samples."""
+    from research.sampling import Generator
+
+    return Generator(
+        model,
+        config,
+        sampler=options.sampler,
+        steps=options.steps,
+        eta=options.eta,
+        batch_size=min(options.batch_size or config.sample.batch_size, num),
+        guidance=options.guidance,
+        guidance_rescale=options.guidance_rescale,
+        grid=options.grid,
+        **kw,
+    )
+
+
+def samples_name(gen, config, options: SampleOptions, seed: int) -> str:
+    """The file stem of a sample set: sampler, steps, eta, solver grid, guidance scales and seed."""
+    steps_name = str(options.steps if options.steps is not None else config.sample.steps).replace(",", "-")
+    guided = f"_cfg{gen.guidance:g}" if gen.guidance is not None else ""
+    if gen.classifier_scale is not None:
+        guided += f"_clf{gen.classifier_scale:g}"
+    if gen.sampler not in ("ddpm", "ddim"):
+        guided = f"_{options.grid or config.sample.grid}{guided}"
+    return f"samples_{gen.sampler}_{steps_name}_eta{gen.eta:g}{guided}_seed{seed}"
 
 
 def load_classifier(classifier, scale, config, num_classes: int, use_ema: bool):
