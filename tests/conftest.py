@@ -47,3 +47,21 @@ def mnist_autoencoder(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("mnist_autoencoder") / "vae_mnist")
     train(config, workdir)
     return workdir
+
+
+# The suite runs on two pytest-xdist workers, whole files per worker (pytest.ini): a file's module- and session-scoped
+# fixtures are then built once. The longest files go first so that neither worker is left with one at the end.
+_LONGEST_FIRST = (
+    "test_quality.py",
+    "test_inception.py",
+    "test_vae.py",
+    "test_classifier.py",
+    "test_tasks.py",
+    "test_fewstep_train.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
