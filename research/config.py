@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            name="digits",  # digits | mnist | fashion_mnist | cifar10 | tfds | imagefolder | synthetic
+            name="digits",  # digits | mnist | fashion_mnist | mnist_fashion (both, 20 classes) | cifar10 | tfds |
+            # imagefolder | synthetic
             data_dir="",  # '' -> $RESEARCH_DATA_DIR/<name> for file-based sets
             tfds_name="",  # with name='tfds'
             caption_key="",  # image-caption data: imagefolder's caption column ('' -> text); TFDS: the text
@@ -401,7 +402,7 @@ def parse_config_args(argv: Sequence[str]):
 
 
 _CHOICES = {
-    "data.name": ("digits", "mnist", "fashion_mnist", "cifar10", "tfds", "imagefolder", "synthetic"),
+    "data.name": ("digits", "mnist", "fashion_mnist", "mnist_fashion", "cifar10", "tfds", "imagefolder", "synthetic"),
     "diffusion.schedule": ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid"),
     "diffusion.prediction": ("eps", "x0", "v"),
     "diffusion.var_type": ("fixed_small", "fixed_large", "learned_range"),

@@ -649,11 +649,9 @@ def _negatives(negative_prompts, n: int) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _tokenizer(folder: str):
-    from research.data.text import _load_tokenizer, load_tokenizer
+    from research.data.text import load_tokenizer
 
-    if all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):
-        return load_tokenizer(folder)
-    return _load_tokenizer(os.path.abspath(folder))  # a transformers 5 folder with tokenizer.json only
+    return load_tokenizer(folder)  # vocab.json + merges.txt, or a transformers 5 folder with tokenizer.json only
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -171,3 +171,25 @@ def test_clip_trains_on_folder_captions(digits_folder, tmp_path):
     )
     assert row["i2t@1"] == pytest.approx(expected["i2t@1"]) and row["t2i@5"] == pytest.approx(expected["t2i@5"])
     assert os.path.isfile(tmp_path / "run" / "samples" / "step_0000010.png")
+
+
+def test_mnist_and_fashion_together_interleave_with_shifted_labels():
+    """mnist_fashion: example 2i is MNIST's i with its label, 2i + 1 Fashion-MNIST's i with label + 10; each class
+    is captioned with its own data set's templates, the shorter list repeated to the longer one's length."""
+    from research.data.text import captions
+
+    both = get_source(dict(name="mnist_fashion", image_size=28, channels=1, num_classes=20), "test")
+    mnist = get_source(dict(name="mnist", image_size=28, channels=1), "test")
+    fashion = get_source(dict(name="fashion_mnist", image_size=28, channels=1), "test")
+    assert len(both) == 20_000 and both.num_classes == 20
+    for i in (0, 1, 4321):
+        np.testing.assert_array_equal(both[2 * i]["image"], mnist[i]["image"])
+        np.testing.assert_array_equal(both[2 * i + 1]["image"], fashion[i]["image"])
+        assert both[2 * i]["label"] == mnist[i]["label"] and both[2 * i + 1]["label"] == fashion[i]["label"] + 10
+    text = captions("mnist_fashion")
+    digit, clothing = captions("mnist"), captions("fashion_mnist")
+    width = max(len(digit[0]), len(clothing[0]))
+    assert len(text) == 20 and all(len(row) == width for row in text)
+    assert text[7][: len(digit[7])] == digit[7] and text[17] == [
+        clothing[7][t % len(clothing[7])] for t in range(width)
+    ]

@@ -37,6 +37,7 @@ LAYERS = [
         [
             r"research\.train\.__main__",
             r"research\.sample",
+            r"research\.generate",
             r"research\.evaluate",
             r"research\.evaluate_clip",
             r"research\.summary",

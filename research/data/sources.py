@@ -39,6 +39,7 @@ __all__ = [
     "DataError",
     "DigitsSource",
     "IDXSource",
+    "MnistFashionSource",
     "Cifar10Source",
     "TfdsSource",
     "ImageFolderSource",
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 DATA_DIR_ENV = "RESEARCH_DATA_DIR"
-SOURCE_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "tfds", "imagefolder", "synthetic")
+SOURCE_NAMES = ("digits", "mnist", "fashion_mnist", "mnist_fashion", "cifar10", "tfds", "imagefolder", "synthetic")
 
 
 class DataError(ValueError):
@@ -279,6 +280,37 @@ class IDXSource(_ArraySource):
 
     def __repr__(self) -> str:
         return f"IDXSource({self.directory!r}, split={self.split!r})"
+
+
+class MnistFashionSource(_ArraySource):
+    """MNIST and Fashion-MNIST in one split: labels 0-9 are MNIST's digits, 10-19 Fashion-MNIST's classes (the
+    text-to-image demo, whose prompts name both the data set and the class). Examples interleave by index (even:
+    MNIST, odd: Fashion-MNIST, the longer set's remainder at the end), so the first N of a split hold both."""
+
+    SPLITS = IDXSource.SPLITS
+    num_classes = 20
+
+    def __init__(self, mnist_dir: str, fashion_dir: str, split: str = "train") -> None:
+        super().__init__()
+        self.split = split
+        self._parts = (
+            IDXSource(mnist_dir, split, dataset_name="MNIST"),
+            IDXSource(fashion_dir, split, dataset_name="Fashion-MNIST"),
+        )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._parts[0].image_shape
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        (xm, ym), (xf, yf) = (part.as_array() for part in self._parts)
+        n = min(len(ym), len(yf))
+        images = np.concatenate([np.stack([xm[:n], xf[:n]], 1).reshape(2 * n, *xm.shape[1:]), xm[n:], xf[n:]])
+        labels = np.concatenate([np.stack([ym[:n], yf[:n] + 10], 1).reshape(-1), ym[n:], yf[n:] + 10])
+        return images, labels
+
+    def __repr__(self) -> str:
+        return f"MnistFashionSource(split={self.split!r})"
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -814,6 +846,17 @@ def get_source(data_config: Any, split: str = "train", *, check_shape: bool = Tr
         raise DataError(f"unknown data.name {name!r}; valid names: {', '.join(SOURCE_NAMES)}")
     if name == "digits":
         source = DigitsSource(split)
+    elif name == "mnist_fashion":
+        if split not in MnistFashionSource.SPLITS:
+            raise DataError(f"mnist_fashion has no split {split!r}; valid splits: {MnistFashionSource.SPLITS}")
+        root = _field(data_config, "data_dir", "") or os.environ.get(DATA_DIR_ENV, "")
+        if not root:
+            raise DataError(
+                f"data.name='mnist_fashion' reads mnist/ and fashion_mnist/ under {DATA_DIR_ENV} or data.data_dir; "
+                "set one of them"
+            )
+        root = os.path.expanduser(root)
+        source = MnistFashionSource(os.path.join(root, "mnist"), os.path.join(root, "fashion_mnist"), split)
     elif name in ("mnist", "fashion_mnist", "cifar10"):
         cls = Cifar10Source if name == "cifar10" else IDXSource
         if split not in cls.SPLITS:

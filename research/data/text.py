@@ -47,6 +47,7 @@ DATASET_CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "mnist": _DIGIT_NAMES,
     "digits": _DIGIT_NAMES,  # scikit-learn's 8x8 digits: same classes as MNIST
     "fashion_mnist": _FASHION_NAMES,
+    "mnist_fashion": _DIGIT_NAMES + _FASHION_NAMES,  # labels 0-9 MNIST, 10-19 Fashion-MNIST
 }
 
 _DIGIT_TEMPLATES = {
@@ -109,6 +110,9 @@ _TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "digits": _DIGIT_TEMPLATES,
     "fashion_mnist": _FASHION_TEMPLATES,
 }
+# Data sets whose classes come from several others: (first label, data set) per part, each captioned with its own
+# templates.
+_COMPOSITE = {"mnist_fashion": ((0, "mnist"), (10, "fashion_mnist"))}
 
 TEMPLATE_SPLITS = ("train", "heldout")
 
@@ -130,15 +134,24 @@ def class_names(dataset: str) -> tuple[str, ...]:
 def caption_templates(dataset: str, split: str = "train") -> tuple[str, ...]:
     """The caption templates of ``dataset``: ``split='train'`` for training, ``'heldout'`` for zero-shot evaluation.
 
-    The two lists are disjoint."""
-    templates = _TEMPLATES[_check_dataset(dataset)]
+    The two lists are disjoint. A composite data set (mnist_fashion) has templates per part: see ``captions``."""
+    if _check_dataset(dataset) in _COMPOSITE:
+        raise DataError(f"{dataset!r} captions each part with its own templates; use captions({dataset!r}, split)")
+    templates = _TEMPLATES[dataset]
     if split not in templates:
         raise DataError(f"caption template split must be one of {TEMPLATE_SPLITS}, got {split!r}")
     return templates[split]
 
 
 def captions(dataset: str, split: str = "train") -> list[list[str]]:
-    """Every caption as text, [num_classes][num_templates]: ``captions(d, s)[c][t]`` is template t with class c."""
+    """Every caption as text, [num_classes][num_templates]: ``captions(d, s)[c][t]`` is template t with class c.
+
+    A composite data set (mnist_fashion) captions each part's classes with that part's templates; a part with fewer
+    templates repeats its list from the start, so every class has as many captions as the longest part."""
+    if _check_dataset(dataset) in _COMPOSITE:
+        rows = [row for _, part in _COMPOSITE[dataset] for row in captions(part, split)]
+        width = max(len(row) for row in rows)
+        return [[row[t % len(row)] for t in range(width)] for row in rows]
     templates = caption_templates(dataset, split)
     return [[t.format(name, digit=str(c)) for t in templates] for c, name in enumerate(class_names(dataset))]
 
@@ -153,10 +166,11 @@ def _resolve_folder(folder: str | None) -> str:
             )
         folder = os.path.join(root, "clip")
     missing = [f for f in _TOKENIZER_FILES if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
+    if missing and not os.path.isfile(os.path.join(folder, "tokenizer.json")):  # transformers 5 saves only that
         raise DataError(
-            f"CLIP tokenizer folder {folder!r} lacks {', '.join(missing)}: point ${DATA_DIR_ENV} at the data folder "
-            "whose clip/ holds vocab.json and merges.txt, or pass a folder that holds them"
+            f"CLIP tokenizer folder {folder!r} lacks {', '.join(missing)} (or tokenizer.json): point "
+            f"${DATA_DIR_ENV} at the data folder whose clip/ holds vocab.json and merges.txt, or pass a folder that "
+            "holds them"
         )
     return os.path.abspath(folder)
 

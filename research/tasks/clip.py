@@ -40,7 +40,7 @@ from research.tasks import Task, Trainer, register_task
 from research.tasks.common import compile_trainer, model_meta
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
-CAPTIONED = ("mnist", "fashion_mnist", "digits")  # captions from class names and templates
+CAPTIONED = ("mnist", "fashion_mnist", "mnist_fashion", "digits")  # captions from class names and templates
 
 
 def source_captions(config) -> bool:

@@ -41,7 +41,7 @@ from research.tasks.diffusion import _validate_latent, check_sample_options, opt
 from research.train import mesh as mesh_lib
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
-TEMPLATE_CAPTIONED = ("mnist", "fashion_mnist", "digits")
+TEMPLATE_CAPTIONED = ("mnist", "fashion_mnist", "mnist_fashion", "digits")
 
 
 def source_captions(config) -> bool:
