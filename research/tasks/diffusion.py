@@ -158,18 +158,8 @@ class DiffusionTask(Task):
         meta = model_meta(config, abstract)
         context = {}
         if latent_enabled(config):
-            from research.latents import load_run_autoencoder
-
-            ae = load_run_autoencoder(config)
-            context["autoencoder"] = ae
-            meta["frozen"] = {
-                "autoencoder": {
-                    "workdir": config.latent.autoencoder,
-                    "step": int(ae.step),
-                    "use_ema": bool(config.latent.use_ema),
-                    "sha256": ae.digest,
-                }
-            }
+            context["autoencoder"], reference = frozen_autoencoder(config)
+            meta["frozen"] = {"autoencoder": reference}
         trainer = compile_trainer(config, mesh, model, abstract, init, step_fn, meta)
         trainer.schedule, trainer.context = schedule, context
         return trainer
@@ -249,6 +239,20 @@ class DiffusionTask(Task):
 
         run.step = step
         return run
+
+
+def frozen_autoencoder(config):
+    """(the run's autoencoder, its checkpoint reference {workdir, step, use_ema, sha256}) for a latent run."""
+    from research.latents import load_run_autoencoder
+
+    ae = load_run_autoencoder(config)
+    reference = {
+        "workdir": config.latent.autoencoder,
+        "step": int(ae.step),
+        "use_ema": bool(config.latent.use_ema),
+        "sha256": ae.digest,
+    }
+    return ae, reference
 
 
 def check_sample_options(config, options: SampleOptions) -> None:

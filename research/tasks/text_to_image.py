@@ -37,7 +37,14 @@ from research.sampling import schedule_from_config
 from research.shapes import abstract_net_params, build_network, init_net_params, latent_enabled
 from research.tasks import SampleOptions, Samples, Task, Trainer, register_task
 from research.tasks.common import compile_trainer, model_meta, validate_network
-from research.tasks.diffusion import _validate_latent, check_sample_options, options_generator, samples_name
+from research.tasks.diffusion import (
+    DiffusionTask,
+    _validate_latent,
+    check_sample_options,
+    frozen_autoencoder,
+    options_generator,
+    samples_name,
+)
 from research.train import mesh as mesh_lib
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
@@ -289,16 +296,7 @@ class TextToImageTask(Task):
             frozen["text_encoder"] = encoder.reference
         context = {"encoder": encoder, "empty": empty, "table": table}
         if latent_enabled(config):
-            from research.latents import load_run_autoencoder
-
-            ae = load_run_autoencoder(config)
-            context["autoencoder"] = ae
-            frozen["autoencoder"] = {
-                "workdir": config.latent.autoencoder,
-                "step": int(ae.step),
-                "use_ema": bool(config.latent.use_ema),
-                "sha256": ae.digest,
-            }
+            context["autoencoder"], frozen["autoencoder"] = frozen_autoencoder(config)
         if frozen:
             meta["frozen"] = frozen
         frozen_text = encoder.frozen_params if not encoder.trainable else {}
@@ -309,12 +307,7 @@ class TextToImageTask(Task):
         trainer.schedule, trainer.context = schedule, context
         return trainer
 
-    def data_source(self, config, trainer):
-        if latent_enabled(config) and config.latent.cache:
-            from research.latents import latent_cache
-
-            return latent_cache(config, trainer.context["autoencoder"], "train", progress=config.train.progress)
-        return None
+    data_source = DiffusionTask.data_source  # the latent cache, for template-captioned data
 
     def batch_preparer(self, config, trainer):
         to_latents = None
