@@ -232,6 +232,20 @@ def base_config() -> ml_collections.ConfigDict:
             mask=True,  # cross-attention ignores padding tokens (Stable Diffusion attends all 77: False)
         )
     )
+    # task='controlnet' (Zhang, Rao & Agrawala 2023): a ControlNet trained on a frozen base run. model.name is
+    # 'unet_controlnet' (or 'cond_unet_controlnet') with the hint encoder's fields; the rest of the model section and
+    # the diffusion section are the base run's, copied from its config.json when the run starts.
+    c.controlnet = ml_collections.ConfigDict(
+        dict(
+            base="",  # workdir of the base run (task='diffusion', a pixel-space U-Net), frozen and referenced
+            base_step=0,  # its checkpoint step; 0 takes the newest (the resolved step is stored in config.json)
+            base_use_ema=True,  # the base's EMA parameters
+            hint="canny",  # the hint computed from each training image: canny | sobel | mask | blur (data/hints.py)
+            scale=1.0,  # conditioning scale of the residuals at sampling (training always uses 1)
+            guess_mode=False,  # sampling: scale the residuals by 0.825 ** (12 - i) (the reference's guess mode)
+            eval_num=200,  # test images of the controllability check (edge F1) written at every preview
+        )
+    )
     c.lock()
     return c
 

@@ -169,14 +169,15 @@ class Generator:
             self.classifier_classes = int(clf_model.num_classes)
         conditional = self.conditional
 
-        def denoiser(params, labels, clf_params, null=None):
+        def denoiser(params, labels, clf_params, null=None, hint=None):
             base = make_denoiser(model, params)
             if not conditional:
-                # Labels travel in cond for a classifier only; an unconditional network gets none.
+                # Labels travel in cond for a classifier only; an unconditional network gets none (but its hint).
                 unconditional = base
-                base = lambda x_t, t, cond: unconditional(x_t, t, None)  # noqa: E731
+                base = lambda x_t, t, cond: unconditional(x_t, t, None if hint is None else Cond(hint=hint))  # noqa: E731
             if self.guidance is not None:
                 null = Cond(label=jnp.full_like(labels, null_label)) if null is None else null
+                null = null if hint is None else null.replace(hint=hint)  # the control acts in both branches
                 base = guided_denoiser(
                     base,
                     null,
@@ -197,20 +198,36 @@ class Generator:
                 config.diffusion.prediction,
             )
 
-        def run(params, key, labels, clf_params=None, text_params=None, tokens=None, null_tokens=None):
+        def run(params, key, labels, hint, clf_params=None, text_params=None, tokens=None, null_tokens=None):
             cond, null = None if labels is None else Cond(label=labels), None
             if text is not None:
                 cond = text.encode(text_params, tokens[labels])
                 if self.guidance is not None:
                     null = text.encode(text_params, jnp.broadcast_to(null_tokens, (labels.shape[0], null_tokens.size)))
-            denoise = denoiser(params, labels, clf_params, null)
+            if hint is not None:
+                cond = Cond(hint=hint) if cond is None else cond.replace(hint=hint)
+            denoise = denoiser(params, labels, clf_params, null, hint)
             return samplers.sample(name, denoise, schedule, key, shape, cond=cond, **kwargs)
 
         self._run = jax.jit(run)
 
-    def generate(self, params, num: int, seed: int = 0, labels: Optional[np.ndarray] = None, progress: bool = True):
+    def generate(
+        self,
+        params,
+        num: int,
+        seed: int = 0,
+        labels: Optional[np.ndarray] = None,
+        progress: bool = True,
+        hints: Optional[np.ndarray] = None,
+    ):
         """-> (samples float32 [num, H, W, C] in model range, labels or None, NFE per sample); a latent diffusion
-        run's samples are decoded to pixels."""
+        run's samples are decoded to pixels. hints [num, h, w, c] (a tuple of such arrays for several ControlNets)
+        become cond.hint, one per sample, for a ControlNet-controlled model (research.models.controlnet)."""
+        if hints is not None:
+            many = isinstance(hints, (tuple, list))
+            for h in hints if many else (hints,):
+                if len(h) < num:
+                    raise ValueError(f"{len(h)} hints for {num} samples; give one hint per sample")
         if self.text is not None and labels is None:
             labels = np.arange(num) % self.text.num_prompts
         elif self.conditional and labels is None:
@@ -229,7 +246,12 @@ class Generator:
                 lab = jnp.asarray(np.resize(chunk, self.batch_size))  # pad the last batch by repetition
             text = self.text
             prompts = () if text is None else (text.params, jnp.asarray(text.tokens), jnp.asarray(text.null_tokens))
-            result = self._run(params, jax.random.fold_in(base, b), lab, self._classifier_params, *prompts)
+            hint = None
+            if hints is not None:
+                rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                pad = lambda h: jnp.asarray(np.resize(np.asarray(h[rows], np.float32), (self.batch_size, *h.shape[1:])))  # noqa: E731
+                hint = tuple(pad(h) for h in hints) if many else pad(hints)
+            result = self._run(params, jax.random.fold_in(base, b), lab, hint, self._classifier_params, *prompts)
             samples = result.samples
             if self.autoencoder is not None:
                 samples = self.autoencoder.decode_latents(samples)

@@ -76,17 +76,24 @@ def build_network(config):
 
 def example_cond(config, batch: int = 1):
     """The Cond a network of this config is initialised with (labels for a class-conditional model, zero text
-    embeddings [batch, context_length, cross_attention_dim] for the text-conditional U-Net)."""
+    embeddings [batch, context_length, cross_attention_dim] for the text-conditional U-Net, plus a zero hint for a
+    ControlNet)."""
     import jax.numpy as jnp
 
     from research.cond import Cond
 
-    if config.model.name == "cond_unet":  # text token embeddings [batch, L, D]
+    name = config.model.name
+    cond = None
+    if name in ("cond_unet", "cond_unet_controlnet"):  # text token embeddings [batch, L, D]
         length = int(config.model.get("context_length", 77))
-        return Cond(text=jnp.zeros((batch, length, int(config.model.cross_attention_dim)), jnp.float32))
-    if config.model.get("num_classes", 0):
-        return Cond(label=jnp.zeros((batch,), jnp.int32))
-    return None
+        cond = Cond(text=jnp.zeros((batch, length, int(config.model.cross_attention_dim)), jnp.float32))
+    elif config.model.get("num_classes", 0):
+        cond = Cond(label=jnp.zeros((batch,), jnp.int32))
+    if name.endswith("_controlnet"):  # a hint at model.hint_downsample times the network's resolution
+        h, w, _ = model_input_shape(config)
+        f, c = int(config.model.get("hint_downsample", 1)), int(config.model.get("conditioning_channels", 0) or 1)
+        cond = (cond or Cond()).replace(hint=jnp.zeros((batch, h * f, w * f, c), jnp.float32))
+    return cond
 
 
 def example_tokens(config, batch: int = 1):

@@ -62,7 +62,10 @@ def summarize(config) -> dict:
 
     model = build_network(config)
     params = abstract_net_params(model, config)
-    return {"params": count_params(params), "gflops": forward_flops(model, config, params) / 1e9}
+    out = {"params": count_params(params), "gflops": forward_flops(model, config, params) / 1e9}
+    if config.model.name.endswith("_controlnet"):
+        out["hint_params"] = count_params(params["hint"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -101,6 +104,8 @@ def main(argv=None) -> int:
     where = f" (latents of {config.latent.autoencoder})" if latent_enabled(config) else ""
     print(f"model: {config.model.name}  input: {h}x{w}x{c}{where}")
     print(f"params: {result['params']}")
+    if "hint_params" in result:
+        print(f"hint encoder params: {result['hint_params']}")
     print(f"gflops: {result['gflops']:.3f}")
     # Papers that count a multiply-add as one FLOP (DiT's Table 4 'Gflops') report half of XLA's figure.
     print(f"gmacs: {result['gflops'] / 2:.3f}  (multiply-adds, = gflops / 2)")

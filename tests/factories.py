@@ -5,6 +5,8 @@ cover a new task as soon as it is registered; a task without a factory fails the
 Runs default to a one-device mesh (train.num_devices=1); the sharding tests ask for all 8 simulated devices.
 """
 
+import os
+
 import ml_collections
 
 from research.config import base_config
@@ -163,6 +165,43 @@ def make_tiny_t2i_config():
     return c
 
 
+_BASE_RUNS = {}
+
+
+def tiny_controlnet_base() -> str:
+    """Workdir of a class-conditional tiny U-Net with a null label, trained 2 steps (made once per process): the
+    frozen base of the ControlNet tests."""
+    if "workdir" not in _BASE_RUNS:
+        import tempfile
+
+        from research.train.loop import train
+
+        c = make_tiny_config()
+        c.model.num_classes, c.model.null_label, c.data.num_classes = 10, True, 10
+        c.model.dropout = 0.0  # the ControlNet runs its base with train=False
+        c.diffusion.cond_drop_prob = 0.1
+        c.train.num_steps, c.train.ckpt_every = 2, 2
+        workdir = os.path.join(tempfile.mkdtemp(prefix="controlnet-base-"), "base")
+        train(c, workdir)
+        _BASE_RUNS["workdir"] = workdir
+    return _BASE_RUNS["workdir"]
+
+
+def make_tiny_controlnet_config(base: str = ""):
+    """A ControlNet (hint encoder 8 -> 16 channels, no stride) on tiny_controlnet_base (or `base`), Canny hints of
+    the 8x8 digits, half the labels dropped."""
+    c = make_tiny_config()
+    c.task = "controlnet"
+    c.controlnet.base = base or tiny_controlnet_base()
+    c.controlnet.eval_num = 16
+    c.model = ml_collections.ConfigDict(
+        dict(name="unet_controlnet", hint_channels=(8, 16), hint_downsample=1, conditioning_channels=1)
+    )
+    c.data.num_classes = 10
+    c.diffusion.cond_drop_prob = 0.5
+    return c
+
+
 def make_tiny_resume_configs():
     """{task: (config, steps before the interruption)} for the parametrised resume and sharding tests. The
     autoencoder is stopped before its discriminator starts and resumed across the switch."""
@@ -176,4 +215,5 @@ def make_tiny_resume_configs():
         "noisy_classifier": (make_tiny_classifier_config(), 3),
         "clip": (make_tiny_clip_config(), 3),
         "text_to_image": (make_tiny_t2i_config(), 3),
+        "controlnet": (make_tiny_controlnet_config(), 3),
     }

@@ -204,76 +204,8 @@ class CondUNet(nn.Module):
     def __call__(self, x: jax.Array, t: jax.Array, cond=None, *, train: bool = False):
         cond = as_cond(cond)
         check_supported(cond, ("text", "text_mask", "residuals"), "CondUNet")
-        if cond is None or cond.text is None:
-            raise ValueError(
-                f"CondUNet needs cond.text [B, L, {self.cross_attention_dim}] (text encoder token embeddings); "
-                f"pass Cond(text=...)"
-            )
-        b = x.shape[0]
-        context, mask = cond.text, cond.text_mask
-        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.cross_attention_dim:
-            raise ValueError(
-                f"cond.text has shape {tuple(context.shape)}; it must be [B, L, cross_attention_dim] = "
-                f"[{b}, L, {self.cross_attention_dim}]"
-            )
-        if self.in_channels and x.shape[-1] != self.in_channels:
-            raise ValueError(f"x has {x.shape[-1]} channels but model.in_channels={self.in_channels}")
-        check_resolution(x.shape[1:3], len(self.block_out_channels))
-        cross, heads, tf_layers = self.level_settings()
-        context = context.astype(self.dtype)
-        mask = None if mask is None else jnp.asarray(mask, bool)
-        t = jnp.broadcast_to(jnp.asarray(t), (b,))
-
-        ch0 = self.block_out_channels[0]
-        emb = sinusoidal_embedding(t, ch0, self.flip_sin_to_cos, self.freq_shift).astype(self.dtype)
-        emb = nn.Dense(4 * ch0, kernel_init=default_init, dtype=self.dtype, name="time_dense0")(emb)
-        emb = nn.Dense(4 * ch0, kernel_init=default_init, dtype=self.dtype, name="time_dense1")(nn.silu(emb))
-
-        def res(ch, name):
-            block = ResBlock(
-                ch, self.dropout, norm_groups=self.norm_num_groups, norm_eps=self.norm_eps, dtype=self.dtype, name=name
-            )
-            return lambda h: block(h, emb, train=train)
-
-        def transformer(level, name):
-            block = SpatialTransformer(
-                heads[level],
-                tf_layers[level],
-                self.use_linear_projection,
-                self.norm_num_groups,
-                self.dropout,
-                dtype=self.dtype,
-                name=name,
-            )
-            return lambda h: block(h, context, mask, train=train)
-
-        h = nn.Conv(ch0, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype, name="conv_in")(
-            x.astype(self.dtype)
-        )
-        skips = [h]
-        last = len(self.block_out_channels) - 1
-        for level, ch in enumerate(self.block_out_channels):
-            for block in range(self.layers_per_block):
-                h = res(ch, f"down{level}_res{block}")(h)
-                if cross[level]:
-                    h = transformer(level, f"down{level}_attn{block}")(h)
-                skips.append(h)
-            if level != last:
-                # diffusers pads 1 on every side; flax's 'SAME' would pad (0, 1) for stride 2 and shift the grid.
-                h = nn.Conv(
-                    ch,
-                    (3, 3),
-                    strides=(2, 2),
-                    padding=((1, 1), (1, 1)),
-                    kernel_init=default_init,
-                    dtype=self.dtype,
-                    name=f"down{level}_down",
-                )(h)
-                skips.append(h)
-
-        h = res(h.shape[-1], "mid_res0")(h)
-        h = transformer(last, "mid_attn")(h)
-        h = res(h.shape[-1], "mid_res1")(h)
+        blocks = CondBlocks(self, x, t, cond, train)
+        h, skips = cond_encoder(blocks, x)
         if cond.residuals is not None:
             skips, h = add_residuals(cond.residuals, skips, h)
 
@@ -281,9 +213,9 @@ class CondUNet(nn.Module):
             ch = self.block_out_channels[level]
             for block in range(self.layers_per_block + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res(ch, f"up{level}_res{block}")(h)
-                if cross[level]:
-                    h = transformer(level, f"up{level}_attn{block}")(h)
+                h = blocks.res(ch, f"up{level}_res{block}")(h)
+                if blocks.cross[level]:
+                    h = blocks.transformer(level, f"up{level}_attn{block}")(h)
             if level != 0:
                 h = Upsample(ch, with_conv=True, dtype=self.dtype, name=f"up{level}_up")(h)
         assert not skips
@@ -293,6 +225,91 @@ class CondUNet(nn.Module):
             self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init, dtype=self.dtype, name="conv_out"
         )(h)
         return h.astype(jnp.float32)
+
+
+class CondBlocks:
+    """What CondUNet's blocks share, prepared inside the compact method of `module` (a CondUNet or its ControlNet):
+    the checked text context and mask, the timestep embedding (time_dense0/1), the per-level settings, and
+    builders res(ch, name) / transformer(level, name) of the blocks as functions h -> h."""
+
+    def __init__(self, module, x: jax.Array, t: jax.Array, cond, train: bool):
+        if cond is None or cond.text is None:
+            raise ValueError(
+                f"{type(module).__name__} needs cond.text [B, L, {module.cross_attention_dim}] (text encoder token "
+                f"embeddings); pass Cond(text=...)"
+            )
+        b = x.shape[0]
+        context = cond.text
+        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != module.cross_attention_dim:
+            raise ValueError(
+                f"cond.text has shape {tuple(context.shape)}; it must be [B, L, cross_attention_dim] = "
+                f"[{b}, L, {module.cross_attention_dim}]"
+            )
+        if module.in_channels and x.shape[-1] != module.in_channels:
+            raise ValueError(f"x has {x.shape[-1]} channels but model.in_channels={module.in_channels}")
+        check_resolution(x.shape[1:3], len(module.block_out_channels))
+        self.module, self.train = module, train
+        self.cross, self.heads, self.tf_layers = module.level_settings()
+        self.context = context.astype(module.dtype)
+        self.mask = None if cond.text_mask is None else jnp.asarray(cond.text_mask, bool)
+        t = jnp.broadcast_to(jnp.asarray(t), (b,))
+        ch0 = module.block_out_channels[0]
+        emb = sinusoidal_embedding(t, ch0, module.flip_sin_to_cos, module.freq_shift).astype(module.dtype)
+        emb = nn.Dense(4 * ch0, kernel_init=default_init, dtype=module.dtype, name="time_dense0")(emb)
+        self.emb = nn.Dense(4 * ch0, kernel_init=default_init, dtype=module.dtype, name="time_dense1")(nn.silu(emb))
+
+    def res(self, ch: int, name: str):
+        m = self.module
+        block = ResBlock(ch, m.dropout, norm_groups=m.norm_num_groups, norm_eps=m.norm_eps, dtype=m.dtype, name=name)
+        return lambda h: block(h, self.emb, train=self.train)
+
+    def transformer(self, level: int, name: str):
+        m = self.module
+        block = SpatialTransformer(
+            self.heads[level],
+            self.tf_layers[level],
+            m.use_linear_projection,
+            m.norm_num_groups,
+            m.dropout,
+            dtype=m.dtype,
+            name=name,
+        )
+        return lambda h: block(h, self.context, self.mask, train=self.train)
+
+
+def cond_encoder(blocks: CondBlocks, x: jax.Array, hint_features: Optional[jax.Array] = None) -> tuple:
+    """CondUNet's conv_in, encoder and middle block -> (middle output, skips in storage order: diffusers'
+    down_block_res_samples). hint_features (ControlNet's encoded hint) are added to the conv_in output."""
+    m = blocks.module
+    h = nn.Conv(
+        m.block_out_channels[0], (3, 3), padding="SAME", kernel_init=default_init, dtype=m.dtype, name="conv_in"
+    )(x.astype(m.dtype))
+    if hint_features is not None:
+        h = h + hint_features.astype(h.dtype)
+    skips = [h]
+    last = len(m.block_out_channels) - 1
+    for level, ch in enumerate(m.block_out_channels):
+        for block in range(m.layers_per_block):
+            h = blocks.res(ch, f"down{level}_res{block}")(h)
+            if blocks.cross[level]:
+                h = blocks.transformer(level, f"down{level}_attn{block}")(h)
+            skips.append(h)
+        if level != last:
+            # diffusers pads 1 on every side; flax's 'SAME' would pad (0, 1) for stride 2 and shift the grid.
+            h = nn.Conv(
+                ch,
+                (3, 3),
+                strides=(2, 2),
+                padding=((1, 1), (1, 1)),
+                kernel_init=default_init,
+                dtype=m.dtype,
+                name=f"down{level}_down",
+            )(h)
+            skips.append(h)
+    h = blocks.res(h.shape[-1], "mid_res0")(h)
+    h = blocks.transformer(last, "mid_attn")(h)
+    h = blocks.res(h.shape[-1], "mid_res1")(h)
+    return h, skips
 
 
 def check_cond_unet_input(model_config: dict, shape: Sequence[int]) -> None:

@@ -65,6 +65,22 @@ def _cond_unet():
     return CondUNet
 
 
+@register_model("unet_controlnet")
+def _unet_controlnet():
+    # ControlNet of the DDPM / ADM U-Net; out_channels is accepted and unused (it emits residuals).
+    from research.models.controlnet import UNetControlNet
+
+    return UNetControlNet
+
+
+@register_model("cond_unet_controlnet")
+def _cond_unet_controlnet():
+    # ControlNet of Stable Diffusion's U-Net (diffusers ControlNetModel layout).
+    from research.models.controlnet import CondUNetControlNet
+
+    return CondUNetControlNet
+
+
 def model_names():
     return sorted(_REGISTRY)
 
@@ -104,6 +120,11 @@ def check_input_shape(model_config, shape) -> None:
     """Raise ValueError naming the fix when the model named by model_config cannot take inputs [H, W, C]."""
     cfg = dict(model_config)
     name, (height, width) = cfg.get("name"), tuple(shape[:2])
+    if name in ("unet_controlnet", "cond_unet_controlnet"):
+        from research.models.controlnet import hint_strides
+
+        hint_strides(cfg.get("hint_channels", (16, 32, 96, 256)), int(cfg.get("hint_downsample", 1)))
+        name = name[: -len("_controlnet")]
     if name == "unet":
         from research.models.unet import check_resolution
 

@@ -71,13 +71,7 @@ class UNet(nn.Module):
         cond = as_cond(cond)
         check_supported(cond, ("label", "residuals"), "UNet")
         check_resolution(x.shape[1:3], len(self.ch_mult))
-        emb = time_embedding(self, t)
-        emb_dim = emb.shape[-1]
-        if self.num_classes:
-            if cond is None or cond.label is None:
-                raise ValueError("this U-Net is class-conditional (num_classes > 0) but no labels were given")
-            table = self.num_classes + int(self.null_label)
-            emb = emb + nn.Embed(table, emb_dim, name="label_embed")(cond.label).astype(emb.dtype)
+        emb = conditioned_embedding(self, t, cond)
         residuals = None if cond is None else cond.residuals
         res, attn = block_arguments(self)
         h, skips = encoder(self, x, emb, train)
@@ -108,6 +102,20 @@ def time_embedding(module, t: jax.Array) -> jax.Array:
     emb = timestep_embedding(t, module.ch)
     emb = nn.Dense(emb_dim, kernel_init=default_init, dtype=module.dtype, name="time_dense0")(emb)
     return nn.Dense(emb_dim, kernel_init=default_init, dtype=module.dtype, name="time_dense1")(nn.silu(emb))
+
+
+def conditioned_embedding(module, t: jax.Array, cond) -> jax.Array:
+    """time_embedding plus, for a class-conditional module (num_classes > 0), the label embedding (label_embed,
+    num_classes + 1 rows with null_label); shared by UNet and its ControlNet."""
+    emb = time_embedding(module, t)
+    if module.num_classes:
+        if cond is None or cond.label is None:
+            raise ValueError(
+                f"this {type(module).__name__} is class-conditional (num_classes > 0) but no labels were given"
+            )
+        table = module.num_classes + int(module.null_label)
+        emb = emb + nn.Embed(table, emb.shape[-1], name="label_embed")(cond.label).astype(emb.dtype)
+    return emb
 
 
 def block_arguments(module) -> tuple:
@@ -141,14 +149,17 @@ def resampler(module, direction: str, channels: int, name: str):
     return lambda h, emb, train: block(h)
 
 
-def encoder(module, x: jax.Array, emb: jax.Array, train: bool) -> tuple:
+def encoder(module, x: jax.Array, emb: jax.Array, train: bool, hint_features=None) -> tuple:
     """The U-Net's encoder and middle block, built inside `module`'s compact method with the U-Net's parameter
-    names (conv_in, down{level}_*, mid_*): -> (middle output, skips in storage order). Shared by UNet and the
-    noise-aware classifier (research/models/classifier.py), whose encoder is this one."""
+    names (conv_in, down{level}_*, mid_*): -> (middle output, skips in storage order). Shared by UNet, its
+    ControlNet (which adds its encoded hint, hint_features, to the conv_in output) and the noise-aware classifier
+    (research/models/classifier.py), whose encoder is this one."""
     res, attn = block_arguments(module)
     h = nn.Conv(module.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=module.dtype, name="conv_in")(
         x.astype(module.dtype)
     )
+    if hint_features is not None:
+        h = h + hint_features.astype(h.dtype)
     skips = [h]
     for level, mult in enumerate(module.ch_mult):
         for block in range(module.num_res_blocks):

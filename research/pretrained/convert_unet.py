@@ -187,6 +187,11 @@ _TABLE = (
     (r"ff_in", "ff.net.0.proj"),
     (r"ff_out", "ff.net.2"),
     (r"kernel|scale", "weight"),
+    # ControlNet (research.models.controlnet.CondUNetControlNet, diffusers' ControlNetModel)
+    (r"hint", "controlnet_cond_embedding"),
+    (r"hint_block(\d+)", "blocks.{0}"),
+    (r"zero_down(\d+)", "controlnet_down_blocks.{0}"),
+    (r"zero_mid", "controlnet_mid_block"),
 )
 
 
@@ -227,38 +232,50 @@ def _theirs_shape(path: Tuple[str, ...], ours: tuple) -> tuple:
     return tuple(ours)
 
 
-def expected_shapes(fields: dict) -> Dict[Tuple[str, ...], tuple]:
-    """Parameter path -> shape of CondUNet(**fields), from abstract shapes (nothing is allocated)."""
+def expected_shapes(fields: dict, control: bool = False) -> Dict[Tuple[str, ...], tuple]:
+    """Parameter path -> shape of CondUNet(**fields), or with control=True of CondUNetControlNet(**fields), from
+    abstract shapes (nothing is allocated)."""
     import jax
     import jax.numpy as jnp
     from flax.traverse_util import flatten_dict
 
     from research.cond import Cond
     from research.models.cond_unet import CondUNet
+    from research.models.controlnet import CondUNetControlNet
 
-    model = CondUNet(**fields)
+    model = (CondUNetControlNet if control else CondUNet)(**fields)
     side = 2 ** (len(fields["block_out_channels"]) - 1)
     x = jax.ShapeDtypeStruct((1, side, side, int(fields.get("in_channels") or 4)), jnp.float32)
     text = jax.ShapeDtypeStruct((1, 1, int(fields["cross_attention_dim"])), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    tree = jax.eval_shape(lambda x, t, text: model.init(jax.random.PRNGKey(0), x, t, Cond(text=text)), x, t, text)
+    hint = None
+    if control:
+        f, c = int(fields.get("hint_downsample", 8)), int(fields.get("conditioning_channels") or 3)
+        hint = jax.ShapeDtypeStruct((1, side * f, side * f, c), jnp.float32)
+
+    def init(x, t, text, hint):
+        return model.init(jax.random.PRNGKey(0), x, t, Cond(text=text, hint=hint))
+
+    tree = jax.eval_shape(init, x, t, text, hint)
     return {path: tuple(leaf.shape) for path, leaf in flatten_dict(tree["params"]).items()}
 
 
-def port_unet(state_dict: Dict[str, np.ndarray], fields: dict) -> dict:
-    """diffusers UNet2DConditionModel state dict (numpy, NCHW / OIHW) -> CondUNet(**fields) parameters.
+def port_unet(state_dict: Dict[str, np.ndarray], fields: dict, control: bool = False) -> dict:
+    """diffusers UNet2DConditionModel state dict (numpy, NCHW / OIHW) -> CondUNet(**fields) parameters; with
+    control=True a ControlNetModel state dict -> CondUNetControlNet(**fields) parameters.
 
     ConversionError when a tensor is missing, has another shape than the architecture needs, or is left over.
     """
     from flax.traverse_util import unflatten_dict
 
     levels = len(fields["block_out_channels"])
+    what = "ControlNet" if control else "U-Net"
     flat, used = {}, set()
-    for path, ours in expected_shapes(fields).items():
+    for path, ours in expected_shapes(fields, control).items():
         key = diffusers_key(path, levels)
         want = _theirs_shape(path, ours)
         if key not in state_dict:
-            raise ConversionError(f"the U-Net weights lack tensor {key} (expected shape {list(want)})")
+            raise ConversionError(f"the {what} weights lack tensor {key} (expected shape {list(want)})")
         array = np.asarray(state_dict[key])
         if tuple(array.shape) != want:
             raise ConversionError(
@@ -270,25 +287,27 @@ def port_unet(state_dict: Dict[str, np.ndarray], fields: dict) -> dict:
     if extra:
         shown = ", ".join(f"{k} {list(np.shape(state_dict[k]))}" for k in extra[:3])
         raise ConversionError(
-            f"the U-Net weights hold {len(extra)} tensor(s) CondUNet has no place for: {shown}"
-            f"{' ...' if len(extra) > 3 else ''} (a U-Net variant this converter does not implement?)"
+            f"the {what} weights hold {len(extra)} tensor(s) the model has no place for: {shown}"
+            f"{' ...' if len(extra) > 3 else ''} (a {what} variant this converter does not implement?)"
         )
     return unflatten_dict(flat)
 
 
-def load_diffusers_unet(folder: str) -> tuple:
-    """(fields, params) of a diffusers UNet2DConditionModel folder: config.json and
-    diffusion_pytorch_model.safetensors; ConversionError for a missing or unreadable file or an unsupported model."""
+def read_model_folder(folder: str, class_name: str) -> tuple:
+    """(config dict, numpy tensors) of a diffusers model folder: config.json (whose _class_name, when present,
+    must be class_name) and diffusion_pytorch_model.safetensors; ConversionError for a missing or unreadable file."""
     from research.pretrained.convert_vae import read_safetensors
 
     folder = str(folder)
     cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, WEIGHTS)
     if not os.path.isdir(folder):
-        raise ConversionError(f"{folder} is not a folder; give the unet/ folder diffusers' save_pretrained wrote")
+        raise ConversionError(
+            f"{folder} is not a folder; give the {class_name} folder diffusers' save_pretrained wrote"
+        )
     for path in (cfg_path, weights):
         if not os.path.isfile(path):
             raise ConversionError(
-                f"{path} is missing: give a diffusers UNet2DConditionModel folder saved with safetensors "
+                f"{path} is missing: give a diffusers {class_name} folder saved with safetensors "
                 f"(save_pretrained(..., safe_serialization=True); variants such as .fp16 are not read)"
             )
     with open(cfg_path) as f:
@@ -296,11 +315,18 @@ def load_diffusers_unet(folder: str) -> tuple:
             config = json.load(f)
         except ValueError as e:
             raise ConversionError(f"{cfg_path} is not valid JSON ({e})") from None
-    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise _unsupported("_class_name", config["_class_name"], "expected UNet2DConditionModel")
-    fields = unet_fields_from_config(config)
+    if config.get("_class_name", class_name) != class_name:
+        raise ConversionError(f"{cfg_path} has _class_name {config['_class_name']!r}, expected {class_name}")
     try:
         tensors = read_safetensors(weights)
     except (ValueError, KeyError, OSError) as e:
         raise ConversionError(f"{weights} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return config, tensors
+
+
+def load_diffusers_unet(folder: str) -> tuple:
+    """(fields, params) of a diffusers UNet2DConditionModel folder: config.json and
+    diffusion_pytorch_model.safetensors; ConversionError for a missing or unreadable file or an unsupported model."""
+    config, tensors = read_model_folder(folder, "UNet2DConditionModel")
+    fields = unet_fields_from_config(config)
     return fields, port_unet(tensors, fields)
