@@ -3,7 +3,8 @@
     python -m research.generate --pretrained DIR --prompt "a photo of a cat" [--prompt ... | --prompts FILE]
         [--negative-prompt TEXT (once, or once per prompt)] [--guidance 7.5] [--steps 25]
         [--sampler dpmpp_2m|ddim] [--eta 0] [--seed 0] [--num 4] [--height H --width W] [--latents FILE.npy]
-        [--batch-size 4] [--guidance-rescale 0] [--dtype float32|bfloat16] --out DIR
+        [--batch-size 4] [--guidance-rescale 0] [--dtype float32|bfloat16]
+        [--controlnet CN_DIR --hint IMAGE [--control-scale 1.0] (repeatable)] [--guess-mode] --out DIR
 
 DIR is what `StableDiffusionPipeline.save_pretrained` writes (research/pretrained/convert_sd.py reads it; nothing is
 downloaded). --num images are drawn per prompt, prompt-major (diffusers' num_images_per_prompt order). Writes
@@ -36,6 +37,14 @@ scheduling_dpmsolver_multistep.py):
 Initial noise: --latents FILE.npy holds [N, 4, H/8, W/8] (diffusers' NCHW, e.g. the `latents=` passed to the
 pipeline) or [N, H/8, W/8, 4] (NHWC); a [N, 4, 4, 4] array is read as NCHW. Otherwise image j's noise is
 jax.random.normal(fold_in(PRNGKey(seed), j)), so it does not depend on --batch-size.
+ControlNet (--controlnet, a diffusers ControlNetModel folder read by research/pretrained/convert_controlnet.py, with
+its --hint image, RGB in [0, 1] resized to the output size with Lanczos as diffusers' control image processor):
+as StableDiffusionControlNetPipeline, the ControlNet sees the U-Net's batch and text (both guidance halves) and the
+hint, its residuals times --control-scale are added to the U-Net's skips and middle block; several are summed.
+--guess-mode: the control runs on the conditional half only (zeros for the unconditional one) with residual i of n
+scaled by 10 ** (-(n - i) / n) (diffusers' logspace; the reference code's 0.825 ** (12 - i) is
+research.models.controlnet.GUESS_MODE_RATIO). A run of task='controlnet' controls a pixel-space U-Net and is
+sampled with research.sample.
 Each of the three programs (text encoder, sampling loop, VAE decoder) compiles once per batch shape; the last
 batch is padded to the batch size. --dtype bfloat16 runs all three networks in bfloat16 (parameters, GroupNorm
 statistics, softmax and the sampler's arithmetic stay float32).
@@ -362,23 +371,58 @@ def _vae_program(fields: tuple, dtype: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _loop_program(fields: tuple, dtype: str, sampler: str, guided: bool, stochastic: bool, clip_range, rescale: bool):
-    """jit(run(params, x [B, h, w, c], text [2B or B, L, D], plan arrays, keys [B], guidance, guidance_rescale)).
+def _loop_program(
+    fields: tuple,
+    dtype: str,
+    sampler: str,
+    guided: bool,
+    stochastic: bool,
+    clip_range,
+    rescale: bool,
+    controls: tuple = (),
+    guess_mode: bool = False,
+):
+    """jit(run(params, x [B, h, w, c], text [2B or B, L, D], plan arrays, keys [B], guidance, guidance_rescale,
+    control params, hints, control scales)).
 
-    Static: the U-Net architecture, dtype, sampler kind and which optional terms exist; the coefficient arrays,
-    guidance and rescale are arguments, so a new step count or guidance reuses the program per shape."""
+    Static: the U-Net architecture, dtype, sampler kind, which optional terms exist and the ControlNets'
+    architectures (controls: one frozen field tuple per ControlNet); the coefficient arrays, guidance, rescale and
+    the conditioning scales are arguments, so a new step count or guidance reuses the program per shape."""
     import jax
     import jax.numpy as jnp
 
     from research.cond import Cond
     from research.models.cond_unet import CondUNet
+    from research.models.controlnet import CondUNetControlNet, scale_residuals, sum_residuals
 
     unet = CondUNet(**dict(fields), dtype=_jnp_dtype(dtype))
+    nets = tuple(CondUNetControlNet(**dict(f), dtype=_jnp_dtype(dtype)) for f in controls)
 
-    def model_output(params, x, t, text, guidance, guidance_rescale):
+    def residuals(control_params, hints, scales, x, t, text, b):
+        """diffusers' StableDiffusionControlNetPipeline: each ControlNet sees the U-Net's batch (both guidance
+        halves); in guess mode with guidance only the conditional half, the unconditional half getting zeros,
+        and the residuals are scaled by logspace(-1, 0, n + 1) (ratio 10 ** (-1 / n)) times the scale."""
+        out = []
+        for net, p, hint, scale in zip(nets, control_params, hints, scales):
+            xs, texts, hs = x, text, hint
+            if guided and not guess_mode:
+                hs = jnp.concatenate([hint, hint])
+            elif guided:
+                xs, texts = x[b:], text[b:]
+            r = net.apply({"params": p}, xs, jnp.full((xs.shape[0],), t, jnp.float32), Cond(text=texts, hint=hs))
+            r = scale_residuals(r, scale, guess_mode, 10 ** (-1 / len(r["down"])))
+            if guided and guess_mode:
+                r = jax.tree.map(lambda a: jnp.concatenate([jnp.zeros_like(a), a]), r)
+            out.append(r)
+        return sum_residuals(out)
+
+    def model_output(params, x, t, text, guidance, guidance_rescale, control_params, hints, scales):
         b = x.shape[0]
         inputs = jnp.concatenate([x, x]) if guided else x
-        out = unet.apply({"params": params}, inputs, jnp.full((inputs.shape[0],), t, jnp.float32), Cond(text=text))
+        cond = Cond(text=text)
+        if nets:
+            cond = cond.replace(residuals=residuals(control_params, hints, scales, inputs, t, text, b))
+        out = unet.apply({"params": params}, inputs, jnp.full((inputs.shape[0],), t, jnp.float32), cond)
         out = out.astype(jnp.float32)
         if not guided:
             return out
@@ -392,10 +436,10 @@ def _loop_program(fields: tuple, dtype: str, sampler: str, guided: bool, stochas
         return guided_out
 
     @jax.jit
-    def run(params, x, text, plan, keys, guidance, guidance_rescale):
+    def run(params, x, text, plan, keys, guidance, guidance_rescale, control_params=(), hints=(), scales=()):
         def step(carry, row):
             x, prev_x0 = carry
-            out = model_output(params, x, row["t"], text, guidance, guidance_rescale)
+            out = model_output(params, x, row["t"], text, guidance, guidance_rescale, control_params, hints, scales)
             noise = None
             if stochastic:
                 noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, row["i"]), x.shape[1:]))(keys)
@@ -549,8 +593,17 @@ class StableDiffusion:
         batch_size: Optional[int] = None,
         guidance_rescale: float = 0.0,
         progress: bool = False,
+        controlnets=(),
+        hints=(),
+        control_scales=(),
+        guess_mode: bool = False,
     ) -> np.ndarray:
         """Images float32 [N, H, W, 3] in [0, 1], one per prompt (N = len(prompts)).
+
+        controlnets: ControlNets as (fields, params) from research.pretrained.convert_controlnet, each with its hint
+        in hints (float [H, W, 3] in [0, 1] for every image, or [N, H, W, 3]; diffusers' control image after its
+        processor) and its conditioning scale in control_scales (default 1.0 each); guess_mode as diffusers'
+        (control on the conditional half only, residuals scaled by logspace(-1, 0)).
 
         latents: the initial noise, [N, 4, H/8, W/8] (diffusers' NCHW) or [N, H/8, W/8, 4]; when given, height and
         width default to its size; otherwise it is drawn from `seed` (see initial_latents) at height x width
@@ -591,9 +644,20 @@ class StableDiffusion:
         guided = guidance != 1.0
         stochastic = bool(np.any(plan.noise_std > 0))
         rescale = guided and guidance_rescale > 0
+        controls = self.check_controls(controlnets, hints, control_scales, n, height, width)
         run = _loop_program(
-            _frozen(self.parts.unet_fields), self.dtype, plan.sampler, guided, stochastic, plan.clip_range, rescale
+            _frozen(self.parts.unet_fields),
+            self.dtype,
+            plan.sampler,
+            guided,
+            stochastic,
+            plan.clip_range,
+            rescale,
+            tuple(_frozen(f) for f, _, _, _ in controls),
+            bool(guess_mode) and bool(controls),
         )
+        control_params = tuple(jax.tree.map(jnp.asarray, p) for _, p, _, _ in controls)
+        scales = tuple(jnp.float32(s) for _, _, _, s in controls)
         decode = _vae_program(_frozen(self.parts.vae_fields), self.dtype)
         rows = {
             "t": jnp.asarray(plan.timesteps, jnp.float32),
@@ -619,10 +683,66 @@ class StableDiffusion:
                 keys,
                 jnp.float32(guidance),
                 jnp.float32(guidance_rescale),
+                control_params,
+                tuple(jnp.asarray(h[idx]) for _, _, h, _ in controls),
+                scales,
             )
             pixels = decode(self.vae_params, z, jnp.float32(self.parts.scaling_factor))
             images.append(np.asarray(jax.device_get(pixels))[: n - start])
         return np.concatenate(images)[:n]
+
+    def check_controls(self, controlnets, hints, scales, n: int, height: int, width: int) -> list:
+        """[(fields, params, hints [n, H, W, c] float32, scale)] of the ControlNets, each checked against the U-Net
+        and the image size (GenerateError naming the mismatch)."""
+        controlnets, hints = list(controlnets), list(hints)
+        scales = [1.0] * len(controlnets) if not scales else [float(s) for s in scales]
+        if not (len(controlnets) == len(hints) == len(scales)):
+            raise GenerateError(
+                f"{len(controlnets)} ControlNets, {len(hints)} hints and {len(scales)} control scales: give one hint "
+                f"(and optionally one scale) per ControlNet"
+            )
+        out = []
+        unet = self.parts.unet_fields
+        for i, ((fields, params), hint, scale) in enumerate(zip(controlnets, hints, scales)):
+            for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels"):
+                if tuple(np.atleast_1d(fields[key])) != tuple(np.atleast_1d(unet[key])):
+                    raise GenerateError(
+                        f"ControlNet {i}: {key}={fields[key]} but the U-Net has {unet[key]}; a ControlNet controls "
+                        f"the U-Net architecture it was trained on"
+                    )
+            if not math.isfinite(scale):
+                raise GenerateError(f"control scale {scale} is not a finite number")
+            hint = np.asarray(hint, np.float32)
+            hint = np.broadcast_to(hint, (n, *hint.shape)) if hint.ndim == 3 else hint
+            channels = int(fields.get("conditioning_channels") or hint.shape[-1])
+            if hint.shape != (n, height, width, channels):
+                raise GenerateError(
+                    f"hint {i} has shape {tuple(hint.shape)}; it must be [{height}, {width}, {channels}] (one for "
+                    f"every image) or [{n}, {height}, {width}, {channels}], the image size, values in [0, 1]"
+                )
+            if int(fields["hint_downsample"]) != self.vae_factor:
+                raise GenerateError(
+                    f"ControlNet {i} encodes hints {fields['hint_downsample']}x down but the VAE's latents are "
+                    f"{self.vae_factor}x smaller than the images"
+                )
+            out.append((fields, params, np.ascontiguousarray(hint), scale))
+        return out
+
+
+def read_hint(path: str, height: int, width: int) -> np.ndarray:
+    """A hint image file -> float32 [height, width, 3] in [0, 1], as diffusers' control image processor makes it
+    (RGB, resized with Lanczos when its size differs, no normalisation to [-1, 1])."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise GenerateError(f"--hint {path} does not exist")
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise GenerateError(f"--hint {path} is not a readable image ({e})") from None
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return np.asarray(image, np.float32) / 255.0
 
 
 _PLAN_ROWS = ("x0_x", "x0_out", "eps_x", "eps_out", "next_x", "next_x0", "next_eps", "next_d1", "noise_std")
@@ -700,6 +820,15 @@ def _read_latents(path: str) -> np.ndarray:
         raise GenerateError(f"--latents {path} is not a readable .npy array ({e})") from None
 
 
+def _is_training_run(folder: str) -> bool:
+    """A workdir of this codebase (config.json with a task), not a diffusers folder (config.json with _class_name)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return "task" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from research.cli import ArgumentParser, UsageError, fail, nonnegative_int, positive_int
     from research.pretrained.convert_clip import ConversionError
@@ -722,6 +851,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per U-Net call (x2 with guidance)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--out", required=True, help="folder for the PNGs and samples.npz")
+    p.add_argument("--controlnet", action="append", default=[], help="diffusers ControlNetModel folder (repeatable)")
+    p.add_argument("--hint", action="append", default=[], help="the control image of each --controlnet, in order")
+    p.add_argument("--control-scale", action="append", type=float, default=[], help="per --controlnet (default 1)")
+    p.add_argument("--guess-mode", action="store_true", help="diffusers' guess_mode for the ControlNets")
     try:
         args = p.parse_args(argv)
         if (args.prompt is None) == (args.prompts is None):
@@ -732,6 +865,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"--out {args.out} is a file; give a folder")
         if not math.isfinite(args.guidance):
             raise UsageError(f"--guidance {args.guidance} is not a finite number")
+        if len(args.hint) != len(args.controlnet) or len(args.control_scale) not in (0, len(args.controlnet)):
+            raise UsageError(
+                f"{len(args.controlnet)} --controlnet, {len(args.hint)} --hint and {len(args.control_scale)} "
+                f"--control-scale: give one --hint (and optionally one --control-scale) per --controlnet"
+            )
+        for folder in args.controlnet:
+            if _is_training_run(folder):
+                raise UsageError(
+                    f"--controlnet {folder} is a training run of this codebase: those control pixel-space U-Nets "
+                    f"(task='controlnet'); sample it with python -m research.sample --workdir {folder}"
+                )
+            if not os.path.isdir(folder):
+                raise UsageError(f"--controlnet {folder} is not a folder (give a diffusers ControlNetModel folder)")
     except UsageError as e:
         return fail(e)
     try:
@@ -743,6 +889,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         latents = _read_latents(args.latents) if args.latents else None
         sampling_plan({}, args.sampler, 1, args.eta)  # flag errors before the weights are read
         sd = StableDiffusion.from_pretrained(args.pretrained, args.dtype)
+        controlnets, hints = [], []
+        if args.controlnet:
+            from research.pretrained.convert_controlnet import load_diffusers_controlnet
+
+            size = (args.height or sd.default_size, args.width or sd.default_size)
+            if latents is not None and (args.height is None or args.width is None):
+                z = sd.as_nhwc_latents(latents, len(prompts), None, None)
+                size = (z.shape[1] * sd.vae_factor, z.shape[2] * sd.vae_factor)
+            controlnets = [load_diffusers_controlnet(folder) for folder in args.controlnet]
+            hints = [read_hint(path, *size) for path in args.hint]
         images = sd.generate(
             prompts,
             negatives,
@@ -757,6 +913,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             batch_size=args.batch_size,
             guidance_rescale=args.guidance_rescale,
             progress=True,
+            controlnets=controlnets,
+            hints=hints,
+            control_scales=args.control_scale,
+            guess_mode=args.guess_mode,
         )
     except (GenerateError, ConversionError, OSError) as e:
         return fail(e)
@@ -775,6 +935,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         latents=os.path.abspath(args.latents) if args.latents else "",
         pretrained=os.path.abspath(args.pretrained),
         sha256=json.dumps(describe(sd.parts)["sha256"], sort_keys=True),
+        controlnets=json.dumps([os.path.abspath(c) for c in args.controlnet]),
+        hints=json.dumps([os.path.abspath(h) for h in args.hint]),
+        control_scales=json.dumps(args.control_scale or [1.0] * len(args.controlnet)),
+        guess_mode=args.guess_mode,
     )
     path = write_samples(args.out, images, prompts, negatives, meta)
     print(

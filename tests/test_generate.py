@@ -283,3 +283,96 @@ def test_cli(tiny, tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "model_index.json" in err
     assert main(["--pretrained", folder, "--out", str(tmp_path / "o3")]) == 2
     assert capsys.readouterr().err.startswith("error: give the prompts")
+
+
+@pytest.fixture(scope="module")
+def tiny_controlnet(tiny, tmp_path_factory):
+    """A random diffusers ControlNetModel for the tiny U-Net (hint encoder 8 -> 16 channels, one stride-2 step: the
+    tiny VAE's factor 2), saved with save_pretrained: (folder, torch model)."""
+    import torch
+
+    d = _diffusers()
+    torch.manual_seed(1)
+    controlnet = d.ControlNetModel.from_unet(tiny[1].unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():  # the zero convs start at zero: randomise every tensor so the control acts
+        for prm in controlnet.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    folder = str(tmp_path_factory.mktemp("controlnet") / "tiny-controlnet")
+    controlnet.eval().save_pretrained(folder, safe_serialization=True)
+    return folder, controlnet
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_images_match_diffusers_pipeline(tiny, tiny_controlnet, guess_mode):
+    """StableDiffusionControlNetPipeline (DDIM, guidance 7.5, conditioning scale 0.6) against ours with the same
+    latents and hint: the images agree to 1e-3, and the control moves them by far more."""
+    import torch
+
+    from research.pretrained.convert_controlnet import load_diffusers_controlnet
+
+    folder, pipe, sd = tiny
+    d = _diffusers()
+    control = d.StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        controlnet=tiny_controlnet[1], scheduler=d.DDIMScheduler.from_config(sd.parts.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    control.set_progress_bar_config(disable=True)
+    hint = np.random.default_rng(4).uniform(0, 1, (len(PROMPTS), SIZE, SIZE, 3)).astype(np.float32)
+    latents = _latents(2)
+    theirs = control(
+        PROMPTS, image=torch.from_numpy(hint).permute(0, 3, 1, 2), negative_prompt=[NEGATIVE] * 2,
+        latents=torch.from_numpy(latents), num_inference_steps=4, guidance_scale=7.5, height=SIZE, width=SIZE,
+        controlnet_conditioning_scale=0.6, guess_mode=guess_mode, output_type="np",
+    ).images  # fmt: skip
+    net = load_diffusers_controlnet(tiny_controlnet[0])
+    kw = dict(steps=4, guidance=7.5, sampler="ddim", latents=latents)
+    ours = sd.generate(
+        PROMPTS, NEGATIVE, controlnets=[net], hints=[hint], control_scales=[0.6], guess_mode=guess_mode, **kw
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-3)
+    plain = sd.generate(PROMPTS, NEGATIVE, **kw)
+    assert np.abs(plain - ours).max() > 2e-2
+    with pytest.raises(GenerateError, match=r"hint 0 has shape \(2, 8, 8, 3\)"):
+        sd.generate(PROMPTS, NEGATIVE, controlnets=[net], hints=[hint[:, :8, :8]], **kw)
+    with pytest.raises(GenerateError, match="1 ControlNets, 2 hints"):
+        sd.generate(PROMPTS, NEGATIVE, controlnets=[net], hints=[hint, hint], **kw)
+
+
+def test_cli_with_controlnet(tiny, tiny_controlnet, tmp_path, capsys):
+    """--controlnet / --hint / --control-scale: a PNG hint of another size is resized (Lanczos) to the output size
+    and gives the API's images; scale 0 gives the uncontrolled images; a training run as --controlnet is refused."""
+    from PIL import Image
+
+    from research.generate import read_hint
+    from research.pretrained.convert_controlnet import load_diffusers_controlnet
+
+    folder, _, sd = tiny
+    hint_path = tmp_path / "edges.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(hint_path)
+    base = ["--pretrained", folder, "--prompt", "a red cube", "--steps", "3", "--sampler", "ddim", "--num", "1"]
+    base += ["--height", "16", "--width", "16", "--controlnet", tiny_controlnet[0], "--hint", str(hint_path)]
+    assert main(base + ["--control-scale", "0.8", "--out", str(tmp_path / "c")]) == 0
+    with np.load(tmp_path / "c" / "samples.npz", allow_pickle=False) as f:
+        images, scales = f["images"], json.loads(str(f["control_scales"]))
+    assert scales == [0.8]
+    hint = read_hint(str(hint_path), 16, 16)
+    assert hint.shape == (16, 16, 3) and 0.0 <= hint.min() and hint.max() <= 1.0
+    net = load_diffusers_controlnet(tiny_controlnet[0])
+    api = sd.generate(["a red cube"], steps=3, sampler="ddim", height=16, width=16, controlnets=[net], hints=[hint],
+                      control_scales=[0.8])  # fmt: skip
+    assert np.abs(to_uint8(api).astype(int) - images).max() <= 1
+    zero = sd.generate(["a red cube"], steps=3, sampler="ddim", height=16, width=16, controlnets=[net], hints=[hint],
+                       control_scales=[0.0])  # fmt: skip
+    np.testing.assert_allclose(
+        zero, sd.generate(["a red cube"], steps=3, sampler="ddim", height=16, width=16), atol=1e-5
+    )
+    capsys.readouterr()
+    run = tmp_path / "a_run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "controlnet"}))
+    argv = base[: base.index("--controlnet")] + ["--controlnet", str(run), "--hint", str(hint_path)]
+    assert main(argv + ["--out", str(tmp_path / "r")]) == 2
+    assert "research.sample --workdir" in capsys.readouterr().err
+    assert main(base + ["--hint", str(hint_path), "--out", str(tmp_path / "h")]) == 2
+    assert "give one --hint" in capsys.readouterr().err
