@@ -227,6 +227,7 @@ def base_config() -> ml_collections.ConfigDict:
             width=256,  # the jointly trained encoder: width, blocks and heads (CLIP's text transformer)
             layers=4,
             heads=4,
+            mlp_dim=0,  # its MLP width; 0 -> 4 * width (CLIP's)
             act="quick_gelu",  # its MLP activation: quick_gelu (OpenAI CLIP, SD 1.x) | gelu (OpenCLIP, SD 2.x)
             output_layer=-1,  # the encoder's block whose (final-LN) hidden states condition: -1 last, -2 penultimate
             mask=True,  # cross-attention ignores padding tokens (Stable Diffusion attends all 77: False)

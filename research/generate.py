@@ -7,7 +7,8 @@
         [--controlnet CN_DIR --hint IMAGE [--control-scale 1.0] (repeatable)] [--guess-mode] --out DIR
 
 DIR is what `StableDiffusionPipeline.save_pretrained` writes (research/pretrained/convert_sd.py reads it; nothing is
-downloaded). --num images are drawn per prompt, prompt-major (diffusers' num_images_per_prompt order). Writes
+downloaded), or a workdir converted from one with `python -m research.pretrained.sd_workdir` (the same images).
+--num images are drawn per prompt, prompt-major (diffusers' num_images_per_prompt order). Writes
   OUT/00000.png ...                one PNG per image
   OUT/samples.npz                  images uint8 [N, H, W, 3], prompts [N] and negative_prompts [N] (str), seed,
                                    guidance, steps, sampler, eta, height, width, dtype, pretrained, sha256 (JSON
@@ -489,8 +490,13 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: str = "float32") -> "StableDiffusion":
+        """From a diffusers StableDiffusionPipeline folder, or a workdir converted from one
+        (research.pretrained.sd_workdir, also after fine-tuning it as a text_to_image run)."""
         from research.pretrained.convert_sd import read_diffusers_pipeline
+        from research.pretrained.sd_workdir import is_sd_workdir, read_sd_workdir
 
+        if is_sd_workdir(folder):
+            return cls(read_sd_workdir(folder), dtype)
         return cls(read_diffusers_pipeline(folder), dtype)
 
     @property
@@ -834,7 +840,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from research.pretrained.convert_clip import ConversionError
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", required=True, help="diffusers StableDiffusionPipeline folder (save_pretrained)")
+    p.add_argument(
+        "--pretrained", required=True, help="diffusers StableDiffusionPipeline folder, or a workdir converted from one"
+    )
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", action="append", default=None, help="once for all prompts, or per prompt")

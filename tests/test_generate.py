@@ -376,3 +376,36 @@ def test_cli_with_controlnet(tiny, tiny_controlnet, tmp_path, capsys):
     assert "research.sample --workdir" in capsys.readouterr().err
     assert main(base + ["--hint", str(hint_path), "--out", str(tmp_path / "h")]) == 2
     assert "give one --hint" in capsys.readouterr().err
+
+
+def test_converted_workdir_gives_the_same_images(tiny, tmp_path, capsys):
+    """python -m research.pretrained.sd_workdir writes a text_to_image workdir (U-Net + text encoder checkpoint,
+    autoencoder workdir, tokenizer, scheduler); research.generate --pretrained WORKDIR gives the folder's images
+    bit for bit; the run's config builds the same networks (parameter signature), and a second conversion into it
+    is refused."""
+    import jax
+
+    from research.pretrained.sd_workdir import main as convert_main
+    from research.pretrained.sd_workdir import read_sd_workdir
+    from research.run import read_config
+    from research.shapes import abstract_net_params, build_network
+
+    folder, _, sd = tiny
+    workdir = tmp_path / "sd_run"
+    assert convert_main(["--diffusers", folder, "--workdir", str(workdir)]) == 0
+    parts = read_sd_workdir(str(workdir))
+    assert parts.sha256["unet"] == sd.parts.sha256["unet"] and parts.scaling_factor == sd.parts.scaling_factor
+    config = read_config(str(workdir))
+    assert config.task == "text_to_image" and config.diffusion.schedule == "scaled_linear"
+    shapes = jax.tree.map(lambda a: a.shape, abstract_net_params(build_network(config), config))
+    assert shapes == jax.tree.map(lambda a: a.shape, sd.parts.unet_params)
+    latents = _latents(3)
+    kw = dict(steps=3, guidance=7.5, sampler="dpmpp_2m", latents=latents)
+    ours = StableDiffusion.from_pretrained(str(workdir)).generate(PROMPTS, NEGATIVE, **kw)
+    np.testing.assert_array_equal(ours, sd.generate(PROMPTS, NEGATIVE, **kw))
+    out = tmp_path / "out"
+    argv = ["--pretrained", str(workdir), "--prompt", PROMPTS[0], "--steps", "2", "--num", "1", "--out", str(out)]
+    assert main(argv) == 0 and os.path.isfile(out / "00000.png")
+    capsys.readouterr()
+    assert convert_main(["--diffusers", folder, "--workdir", str(workdir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
