@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         clf = classifier.get_domain_classifier(data, progress=False)
         row["accuracy"] = float(np.mean(clf.probs(images, progress=False).argmax(axis=1) == labels))
         for kind in ("domain", "inception") if args.inception else ("domain",):
-            result = evaluate_images(images, feature_space(kind, data), DatasetSpec(data, "test"), kid=False, progress=False)
+            space, reference = feature_space(kind, data), DatasetSpec(data, "test")
+            result = evaluate_images(images, space, reference, kid=False, progress=False)
             row[f"fid_{kind}"] = float(result["fid"])
         if seconds is not None:
             row["sampling_s"] = round(seconds, 1)
@@ -130,7 +131,8 @@ def main(argv=None) -> int:
     k = min(10, len(labels))
     hint_rows = np.repeat((hints[:k] * 255).round().astype(np.uint8), real.shape[-1], axis=-1)
     main_set = sets[f"controlled {float(args.scales.split(',')[0]):g}"]
-    save_grid(np.concatenate([hint_rows, main_set[:k], sets["base"][:k], real[:k]]), os.path.join(out, "pairs.png"), ncols=k)
+    grid = np.concatenate([hint_rows, main_set[:k], sets["base"][:k], real[:k]])
+    save_grid(grid, os.path.join(out, "pairs.png"), ncols=k)
     curve = _f1_curve(args.control, out)
 
     lines = [

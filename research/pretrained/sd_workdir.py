@@ -59,7 +59,8 @@ def sd_config(parts, workdir: str):
         c.model = ml_collections.ConfigDict(dict(name="cond_unet", **unet, context_length=int(tf["context_length"])))
     c.text.encoder, c.text.tokenizer = "", os.path.join(workdir, "tokenizer")
     c.text.width, c.text.layers, c.text.heads = int(tf["width"]), int(tf["layers"]), int(tf["heads"])
-    c.text.mlp_dim, c.text.act, c.text.context_length = int(tf.get("mlp_dim") or 0), str(tf["act"]), int(tf["context_length"])
+    c.text.mlp_dim, c.text.act = int(tf.get("mlp_dim") or 0), str(tf["act"])
+    c.text.context_length = int(tf["context_length"])
     c.text.output_layer, c.text.mask = int(parts.text_output_layer), False
     size = int(parts.unet_sample_size) * 2 ** (len(parts.vae_fields["ch_mult"]) - 1)
     c.data.name, c.data.image_size, c.data.channels, c.data.random_flip = "imagefolder", size, 3, False
