@@ -2,7 +2,7 @@
 class-conditional pixel-space U-Net.
 
     --config configs/controlnet_mnist.py:base   the base model: a class-conditional U-Net (16 channels, levels
-                                                (1, 2, 2), no attention, 0.5M parameters) with 10% label dropout,
+                                                (1, 2, 2), no attention, 268,017 parameters) with 10% label dropout,
                                                 4000 steps at batch 64 (about 30 min on 2 cores)
     --config configs/controlnet_mnist.py        its ControlNet (task 'controlnet'): the base run (controlnet.base,
                                                 default runs/controlnet_mnist_base) frozen, a trainable copy of its

@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
             log_every=100,
             ckpt_every=5000,
             keep_checkpoints=3,
+            # Fine-tuning: a new run starts from the parameters (and EMA) of another run's checkpoint, every
+            # trainable part by name, shapes checked; the optimizer starts fresh. '' starts from the initialisation.
+            init_from="",
+            init_from_step=0,  # its checkpoint step; 0 takes the newest
             sample_every=10_000,  # 0 disables sample grids during training
             mesh_model=1,  # size of the parameter-sharding mesh axis ('model'); the rest is 'data'
             num_devices=0,  # devices of the mesh: 0 takes all; N > 0 the first N (one process only)

@@ -15,7 +15,7 @@ import sys
 import jax
 
 from research.config import ConfigError, parse_config_args
-from research.tasks import get_config
+from research.tasks import get_config, task_of
 
 
 def count_params(abstract_params) -> int:
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--config {path} is not a Python config file (.py defining get_config())")
         try:
             config = get_config(path, overrides)
+            config = task_of(config).network_config(config)
         except ConfigError:
             raise
         except (SyntaxError, ImportError, TypeError, ValueError, NameError) as e:

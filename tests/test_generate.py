@@ -409,3 +409,33 @@ def test_converted_workdir_gives_the_same_images(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert convert_main(["--diffusers", folder, "--workdir", str(workdir)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+    # Fine-tuning: a text_to_image run on captioned images with train.init_from=WORKDIR starts from its weights (one
+    # Adam step at lr 1e-12 moves none by more than 1e-10: the fine-tuned run generates the same images), and trains.
+    from PIL import Image
+
+    from research.train.loop import train
+
+    data = tmp_path / "captioned"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    with open(data / "metadata.jsonl", "w") as f:
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(data / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    tune = config.copy_and_resolve_references()
+    tune.data.data_dir, tune.train.init_from, tune.train.batch_size = str(data), str(workdir), 2
+    tune.train.num_steps, tune.train.ckpt_every, tune.train.sample_every, tune.train.progress = 1, 1, 0, False
+    tune.train.num_devices, tune.optim.lr, tune.optim.warmup_steps, tune.train.ema_decay = 1, 1e-12, 0, 0.0
+    train(tune, str(tmp_path / "tuned"))
+    tuned = read_sd_workdir(str(tmp_path / "tuned"))  # the run's weights, the converted workdir's record
+    for a, b in zip(jax.tree.leaves(tuned.unet_params), jax.tree.leaves(parts.unet_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-10, rtol=0)  # one step of at most ~lr
+    same = StableDiffusion(tuned).generate(PROMPTS, NEGATIVE, **kw)
+    np.testing.assert_allclose(same, ours, atol=1e-5, rtol=0)
+    tune.optim.lr = 1e-3
+    moved = train(tune, str(tmp_path / "tuned_lr"))["state"].params["net"]
+    assert float(np.abs(np.asarray(moved["conv_in"]["kernel"]) - parts.unet_params["conv_in"]["kernel"]).max()) > 0
+    tune.train.init_from = str(tmp_path / "captioned")
+    with pytest.raises(Exception, match="config.json|checkpoint"):
+        train(tune, str(tmp_path / "tuned_bad"))

@@ -13,6 +13,9 @@ The workdir is a task='text_to_image' run like any other (research.run reads it,
   autoencoder/         the VAE as a task='autoencoder' workdir with the folder's scaling_factor as its latent scale
   tokenizer/           the folder's tokenizer files, scheduler_config.json the folder's scheduler settings
   pretrained.json      what was read: the folder, the components' sha256, the exact text-encoder fields
+Fine-tuning: a text_to_image run with train.init_from=WORKDIR (and the workdir's config.json as its config, e.g.
+`--config WORKDIR/config.json`-style overrides of data and steps) starts from these weights; research.generate reads
+such a run too (its weights, the converted workdir's scheduler and record).
 read_sd_workdir(workdir) returns the same SDPipelineParts as read_diffusers_pipeline(folder), so research.generate
 gives the same images from either (tested on a tiny random pipeline).
 
@@ -135,8 +138,25 @@ def write_sd_workdir(parts, workdir: str) -> str:
     return workdir
 
 
+def sd_source(path: str):
+    """The converted workdir behind `path`: path itself when it holds pretrained.json, else the run it was
+    fine-tuned from (train.init_from, followed back); None when there is none."""
+    seen = set()
+    while path and os.path.isfile(os.path.join(path, "config.json")) and path not in seen:
+        if os.path.isfile(os.path.join(path, PRETRAINED_JSON)):
+            return path
+        seen.add(path)
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                path = (json.load(f).get("train") or {}).get("init_from") or ""
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def is_sd_workdir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, PRETRAINED_JSON)) and os.path.isfile(os.path.join(path, "config.json"))
+    """A converted Stable Diffusion workdir, or a text_to_image run fine-tuned from one."""
+    return sd_source(os.path.abspath(path)) is not None
 
 
 def read_sd_workdir(workdir: str, step=None, use_ema: bool = True):
@@ -146,20 +166,21 @@ def read_sd_workdir(workdir: str, step=None, use_ema: bool = True):
     from research.run import load_params, read_config
 
     workdir = os.path.abspath(workdir)
-    if not is_sd_workdir(workdir):
+    source = sd_source(workdir)
+    if source is None:
         raise ConversionError(
             f"{workdir} is not a converted Stable Diffusion workdir (no {PRETRAINED_JSON}): convert a diffusers "
             f"folder with python -m research.pretrained.sd_workdir --diffusers DIR --workdir {workdir}"
         )
-    with open(os.path.join(workdir, PRETRAINED_JSON)) as f:
+    with open(os.path.join(source, PRETRAINED_JSON)) as f:
         record = json.load(f)
-    with open(os.path.join(workdir, "scheduler_config.json")) as f:
+    with open(os.path.join(source, "scheduler_config.json")) as f:
         scheduler = json.load(f)
     config = read_config(workdir)
     _, unet_params, step = load_params(workdir, step, part="net", use_ema=use_ema)
     _, text_params, _ = load_params(workdir, step, part="text", use_ema=use_ema)
     ae = load_run_autoencoder(config)
-    unet_fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "context_length")}
+    unet_fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "context_length", "dtype")}
     unet_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in unet_fields.items()}
     unet_fields["out_channels"] = int(unet_fields["in_channels"])
     text_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record["text_fields"].items()}

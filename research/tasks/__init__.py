@@ -154,6 +154,11 @@ class Task(abc.ABC):
         """The config as it should be saved in config.json (e.g. referenced runs made absolute)."""
         return config
 
+    def network_config(self, config):
+        """The config whose model section builds this task's network, for inspection without training
+        (research.summary): config itself, or e.g. a ControlNet's with its base run's architecture filled in."""
+        return config
+
     @abc.abstractmethod
     def build_trainer(self, config, mesh) -> Trainer:
         """The compiled init and step of this task on `mesh`, with the state's shardings and checkpoint meta."""

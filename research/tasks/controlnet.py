@@ -282,6 +282,9 @@ class ControlNetTask(Task):
             full.controlnet.base_step = int(resolve_step(full.controlnet.base))
         return full
 
+    def network_config(self, config):
+        return self.resolve(config)
+
     def build_trainer(self, config, mesh) -> Trainer:
         if config.model.name != "unet_controlnet" or not config.controlnet.base:
             raise ConfigError(NOT_SD if config.model.name == "cond_unet_controlnet" else "controlnet.base is empty")

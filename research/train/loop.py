@@ -62,6 +62,36 @@ def check_frozen_parts(saved_meta: dict, meta: dict, step: int, directory: str) 
             )
 
 
+def initialize_from(state, trainer, workdir: str, step: Optional[int] = None):
+    """state with the parameters and EMA parameters of every trainable part replaced by those of `workdir`'s
+    checkpoint (train.init_from); ConfigError naming the part or parameter that is missing or has another shape."""
+    from research.run import restore_tree
+
+    tree, _, found = restore_tree(workdir, step)
+    params, emas = dict(state.params), dict(state.ema_params or {})
+    for part in params:
+        source = (tree.get("params") or {}).get(part)
+        if source is None:
+            raise ConfigError(
+                f"train.init_from={workdir} (step {found}) has no part {part!r} (it has "
+                f"{sorted(tree.get('params') or {})}); it must be a run of the same task and networks"
+            )
+        want = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(params[part])[0]}
+        got = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(source)[0]}
+        if want != got:
+            diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+            raise ConfigError(
+                f"train.init_from={workdir}: part {part!r} does not fit this config's network ({len(diff)} parameters "
+                f"differ, e.g. {diff[0]}: {got.get(diff[0])} there vs {want.get(diff[0])} here)"
+            )
+        sharding = trainer.state_sharding.params[part]
+        params[part] = jax.device_put(source, sharding)
+        if part in emas:
+            ema = (tree.get("ema_params") or {}).get(part) or source
+            emas[part] = jax.device_put(ema, trainer.state_sharding.ema_params[part])
+    return state.replace(params=params, ema_params=emas if state.ema_params is not None else None)
+
+
 def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     """Train until config.train.num_steps (or stop_at, for tests), resuming from workdir if it has a checkpoint.
 
@@ -91,6 +121,10 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
 
     workdir = os.path.abspath(workdir)
     config = task.resolve(config)
+    if tc.init_from:
+        config = config.copy_and_resolve_references()
+        config.train.init_from = os.path.abspath(tc.init_from)
+        tc = config.train
     trainer = build_trainer(config, mesh)
     batch_sh, meta = trainer.batch_sharding, trainer.meta
 
@@ -127,6 +161,9 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
         log.info("resumed from step %d in %s", latest, workdir)
     else:
         state = trainer.init(jax.random.PRNGKey(config.seed))
+        if tc.init_from:
+            state = initialize_from(state, trainer, tc.init_from, int(tc.init_from_step) or None)
+            log.info("initialised from %s", tc.init_from)
 
     train_step = trainer.step
     start = int(jax.device_get(state.step))
