@@ -9,10 +9,10 @@ and labels. Three sample sets from the same initial noise, every one class-condi
 and two references: the real images themselves (the ceiling: their edges are the hints, F1 = 1 by construction)
 and a different real image of the same class per hint (how much a label alone explains).
 Controllability: the edge F1 of each image's edges (the same extractor) against its hint, with a one-pixel
-tolerance (research/metrics/control.py). FID against the test split in the domain classifier's features (and in
-Inception-v3's with --inception); the domain classifier's accuracy on the hint's label. Writes OUT/table.md,
-OUT/results.json, OUT/pairs.png (rows: hint, controlled, base; the real image last) and OUT/f1_vs_step.png from the
-run's control.jsonl (the edge F1 its previews logged during training).
+tolerance (research/metrics/control.py), and exactly (tolerance 0). FID against the test split in the domain
+classifier's features (and in Inception-v3's with --inception); the domain classifier's accuracy on the hint's
+label. Writes OUT/table.md, OUT/results.json, OUT/pairs.png (rows: hint, controlled, base; the real image last) and
+OUT/f1_vs_step.png from the run's control.jsonl (the edge F1 its previews logged during training).
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def main(argv=None) -> int:
         return np.asarray(control_hints(config, x))
 
     def score(name, images, seconds=None):
-        row = {"set": name, **edge_scores(edges(images), hints).means()}
+        found = edges(images)
+        row = {"set": name, **edge_scores(found, hints).means()}
+        row["f1_exact"] = edge_scores(found, hints, tolerance=0).means()["f1"]
         clf = classifier.get_domain_classifier(data, progress=False)
         row["accuracy"] = float(np.mean(clf.probs(images, progress=False).argmax(axis=1) == labels))
         for kind in ("domain", "inception") if args.inception else ("domain",):
@@ -141,18 +143,22 @@ def main(argv=None) -> int:
         f"{config.controlnet.hint} hints, {args.sampler} {args.steps} steps (NFE {nfe}), seed {args.seed}, the "
         f"hint image's label as the class; edge F1 with a 1-pixel tolerance.",
         "",
-        "| samples | edge F1 | precision | recall | class accuracy | FID (domain) |"
+        "| samples | edge F1 (1 px) | precision | recall | edge F1 (exact) | class accuracy | FID (domain) |"
         + (" FID (Inception) |" if args.inception else ""),
-        "|---|---|---|---|---|---|" + ("---|" if args.inception else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if args.inception else ""),
     ]
     for r in results:
         inc = f" {r['fid_inception']:.2f} |" if args.inception else ""
         lines.append(
-            f"| {r['set']} | {r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['accuracy']:.3f} | "
-            f"{r['fid_domain']:.2f} |{inc}"
+            f"| {r['set']} | {r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1_exact']:.3f} | "
+            f"{r['accuracy']:.3f} | {r['fid_domain']:.2f} |{inc}"
         )
     if curve:
-        lines += ["", "Edge F1 logged during training: " + ", ".join(f"{r['step']}: {r['f1']:.3f}" for r in curve)]
+        lines += [
+            "",
+            "Edge F1 (1 px / exact) logged during training, by step: "
+            + ", ".join(f"{r['step']}: {r['f1']:.3f} / {r.get('f1_exact', float('nan')):.3f}" for r in curve),
+        ]
     text = "\n".join(lines)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")

@@ -37,16 +37,10 @@ import optax
 from research.config import ConfigError
 from research.shapes import abstract_net_params, build_network, init_net_params
 from research.tasks import Task, Trainer, register_task
-from research.tasks.common import compile_trainer, model_meta
+from research.tasks.common import compile_trainer, model_meta, source_captions, tokenizer_or_config_error
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
 CAPTIONED = ("mnist", "fashion_mnist", "mnist_fashion", "digits")  # captions from class names and templates
-
-
-def source_captions(config) -> bool:
-    """Whether the run's data brings its own captions (an imagefolder, or TFDS with data.caption_key)."""
-    name = config.data.name
-    return name == "imagefolder" or (name == "tfds" and bool(config.data.caption_key))
 
 
 def caption_tokens(config, split: str = "train") -> np.ndarray:
@@ -289,13 +283,7 @@ class ClipTask(Task):
 
 
 def _tokenizer(config):
-    from research.data import DataError
-    from research.data.text import load_tokenizer
-
-    try:
-        return load_tokenizer(config.clip.tokenizer or None)
-    except DataError as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    return tokenizer_or_config_error(config.clip.tokenizer)
 
 
 def plot_curve(log_path: str, png_path: str, key: str = "top1", ylabel: str = "zero-shot top-1 (held-out templates)"):

@@ -76,3 +76,20 @@ def compile_trainer(config, mesh, model, abstract_state, init, step_fn, meta, *,
         step=step_jit,
         meta=meta,
     )
+
+
+def source_captions(config) -> bool:
+    """Whether the run's data brings its own captions (an imagefolder, or TFDS with data.caption_key)."""
+    name = config.data.name
+    return name == "imagefolder" or (name == "tfds" and bool(config.data.caption_key))
+
+
+def tokenizer_or_config_error(folder: str):
+    """The CLIP tokenizer of `folder` ('' -> $RESEARCH_DATA_DIR/clip); a missing one is a one-line ConfigError."""
+    from research.data import DataError
+    from research.data.text import load_tokenizer
+
+    try:
+        return load_tokenizer(folder or None)
+    except DataError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None

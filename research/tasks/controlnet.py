@@ -351,7 +351,9 @@ class ControlNetTask(Task):
             out = save_grid(grid, path, ncols=num)
             if evaluate:
                 x = samples[:evaluate]
-                scores = edge_scores(np.asarray(control_hints(config, jnp.asarray(x))), hints[:evaluate]).means()
+                edges = np.asarray(control_hints(config, jnp.asarray(x)))
+                scores = edge_scores(edges, hints[:evaluate]).means()
+                scores["f1_exact"] = edge_scores(edges, hints[:evaluate], tolerance=0).means()["f1"]
                 step = int(jax.device_get(state.step))
                 log_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "control.jsonl")
                 with open(log_path, "a") as f:

@@ -36,7 +36,13 @@ from research.diffusion import gaussian
 from research.sampling import schedule_from_config
 from research.shapes import abstract_net_params, build_network, init_net_params, latent_enabled
 from research.tasks import SampleOptions, Samples, Task, Trainer, register_task
-from research.tasks.common import compile_trainer, model_meta, validate_network
+from research.tasks.common import (
+    compile_trainer,
+    model_meta,
+    source_captions,
+    tokenizer_or_config_error,
+    validate_network,
+)
 from research.tasks.diffusion import (
     DiffusionTask,
     _validate_latent,
@@ -49,12 +55,6 @@ from research.train import mesh as mesh_lib
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
 TEMPLATE_CAPTIONED = ("mnist", "fashion_mnist", "mnist_fashion", "digits")
-
-
-def source_captions(config) -> bool:
-    """Whether the run's data brings its own captions (an imagefolder, or TFDS with data.caption_key)."""
-    name = config.data.name
-    return name == "imagefolder" or (name == "tfds" and bool(config.data.caption_key))
 
 
 def token_mask(tokens: jax.Array, eos_token_id: int) -> jax.Array:
@@ -127,13 +127,7 @@ def build_text_encoder(config, *, load: bool = True) -> TextEncoder:
 
 
 def _tokenizer(config):
-    from research.data import DataError
-    from research.data.text import load_tokenizer
-
-    try:
-        return load_tokenizer(config.text.tokenizer or None)
-    except DataError as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    return tokenizer_or_config_error(config.text.tokenizer)
 
 
 def class_prompts(config) -> list:
