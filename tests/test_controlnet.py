@@ -338,12 +338,15 @@ def test_training_changes_only_the_control_and_starts_as_the_base(tmp_path):
     import json
 
     from research.data import make_train_iterator
+    from research.data.sources import get_source, read_fields
     from research.run import load_params
+    from research.tasks import get_task
     from research.train import mesh as mesh_lib
     from research.train.loop import build_trainer, train
     from tests.factories import make_tiny_controlnet_config
 
     config = make_tiny_controlnet_config()
+    test_labels = read_fields(get_source(config.data, "test"), np.arange(6))["label"]
     _, before, base_step = load_params(config.controlnet.base)
     trainer = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1]))
     state = trainer.init(jax.random.PRNGKey(0))
@@ -356,6 +359,17 @@ def test_training_changes_only_the_control_and_starts_as_the_base(tmp_path):
     trained = jax.device_get(out["state"].params["net"])
     assert float(np.abs(trained["down0_res0"]["conv1"]["kernel"] - before["down0_res0"]["conv1"]["kernel"]).max()) > 0
     assert float(np.abs(trained["zero_mid"]["kernel"]).max()) > 0
+    # research.sample on the run: controlled samples for the hints of the first test images, with their labels,
+    # also with classifier-free guidance (the hint kept in both branches).
+    from research.run import read_config
+    from research.tasks import SampleOptions
+
+    run_config = read_config(str(tmp_path / "control"))
+    for options in (SampleOptions(steps="4"), SampleOptions(steps="4", guidance=2.0)):
+        sampler = get_task("controlnet").sampler(str(tmp_path / "control"), run_config, options)
+        drawn = sampler(6, seed=1, progress=False)
+        assert drawn.images.shape == (6, 8, 8, 1) and drawn.images.dtype == np.uint8 and drawn.nfe == 4
+        assert drawn.name.startswith("controlled_") and list(drawn.labels) == list(test_labels)
     saved = json.load(open(tmp_path / "control" / "config.json"))
     assert (
         saved["model"]["ch"] == 16
@@ -365,7 +379,6 @@ def test_training_changes_only_the_control_and_starts_as_the_base(tmp_path):
     assert saved["controlnet"]["base_step"] == base_step
 
     # At initialisation the controlled loss is the base's loss: same t, noise and dropped labels.
-    from research.tasks import get_task
     from research.tasks.controlnet import make_control_loss_fn
     from research.tasks.diffusion import make_loss_fn
 
