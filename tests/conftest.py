@@ -58,6 +58,8 @@ _LONGEST_FIRST = (
     "test_classifier.py",
     "test_tasks.py",
     "test_fewstep_train.py",
+    "test_generate.py",
+    "test_controlnet.py",
     "test_train.py",
 )
 
