@@ -8,7 +8,7 @@ class-conditional pixel-space U-Net.
                                                 default runs/controlnet_mnist_base) frozen, a trainable copy of its
                                                 encoder and middle block plus a hint encoder, Canny edges of the
                                                 training image as the hint, 50% of the labels dropped (the paper
-                                                drops half the prompts), 1500 steps
+                                                drops half the prompts), 3000 steps
 
 Train the base, then the ControlNet, then measure controllability (experiments/controlnet_demo.py):
 
@@ -62,5 +62,5 @@ def get_config(variant: str = "control"):
     c.optim.lr, c.optim.warmup_steps, c.optim.lr_schedule, c.optim.grad_clip = 1e-4, 100, "constant", 1.0
     c.optim.weight_decay = 0.0
     # A preview (and an edge-F1 line in RUN/control.jsonl) every 100 steps draws the convergence curve.
-    c.train.num_steps, c.train.ckpt_every, c.train.sample_every, c.train.keep_checkpoints = 1500, 500, 100, 10
+    c.train.num_steps, c.train.ckpt_every, c.train.sample_every, c.train.keep_checkpoints = 3000, 500, 100, 10
     return c

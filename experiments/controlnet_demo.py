@@ -41,12 +41,16 @@ def _f1_curve(control_run: str, out: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in rows], [r["f1"] for r in rows], marker="o")
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["f1"] for r in rows], marker="o", label="1-pixel tolerance")
+    if all("f1_exact" in r for r in rows):
+        ax.plot(steps, [r["f1_exact"] for r in rows], marker="s", label="exact pixels")
     ax.set_xlabel("ControlNet training step")
     ax.set_ylabel(f"edge F1 ({rows[0]['num'] if rows else 0} test hints)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "f1_vs_step.png"), dpi=120)
     plt.close(fig)

@@ -56,10 +56,13 @@ def test_prompt_dropout_conditions_on_the_empty_prompt(run):
     batch, rng = {"image": images, "label": jnp.arange(6) % 10}, jax.random.PRNGKey(4)
     always = apply_overrides(config, [("diffusion.cond_drop_prob", "0.9999999")])
     never = apply_overrides(config, [("diffusion.cond_drop_prob", "0.0")])
-    dropped, _ = make_t2i_loss_fn(unet, encoder, schedule, always, table, empty)(params, batch, rng, {})
+    # Jitted: the eager forward and text encoder take most of a minute on 2 shared cores.
+    loss = lambda cfg: jax.jit(make_t2i_loss_fn(unet, encoder, schedule, cfg, table, empty))  # noqa: E731
+    dropped, _ = loss(always)(params, batch, rng, {})
     given = {**batch, "tokens": jnp.broadcast_to(jnp.asarray(empty), (6, empty.size))}
-    direct, _ = make_t2i_loss_fn(unet, encoder, schedule, never, table, empty)(params, given, rng, {})
-    captioned, _ = make_t2i_loss_fn(unet, encoder, schedule, never, table, empty)(params, batch, rng, {})
+    plain = loss(never)
+    direct, _ = plain(params, given, rng, {})
+    captioned, _ = plain(params, batch, rng, {})
     np.testing.assert_allclose(float(dropped), float(direct), rtol=1e-6)
     assert abs(float(captioned) - float(direct)) > 1e-6  # the caption matters to this (trained) model
 
