@@ -198,7 +198,7 @@ class Generator:
                 config.diffusion.prediction,
             )
 
-        def run(params, key, labels, hint, clf_params=None, text_params=None, tokens=None, null_tokens=None):
+        def run(params, key, labels, clf_params=None, text_params=None, tokens=None, null_tokens=None, hint=None):
             cond, null = None if labels is None else Cond(label=labels), None
             if text is not None:
                 cond = text.encode(text_params, tokens[labels])
@@ -251,7 +251,7 @@ class Generator:
                 rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 pad = lambda h: jnp.asarray(np.resize(np.asarray(h[rows], np.float32), (self.batch_size, *h.shape[1:])))  # noqa: E731
                 hint = tuple(pad(h) for h in hints) if many else pad(hints)
-            result = self._run(params, jax.random.fold_in(base, b), lab, hint, self._classifier_params, *prompts)
+            result = self._run(params, jax.random.fold_in(base, b), lab, self._classifier_params, *prompts, hint=hint)
             samples = result.samples
             if self.autoencoder is not None:
                 samples = self.autoencoder.decode_latents(samples)

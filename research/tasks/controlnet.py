@@ -126,7 +126,7 @@ def load_base(config):
     from research.loader import load_run
 
     cn = config.controlnet
-    base_config, base, params, step = load_run(cn.base, cn.base_step or None, use_ema=cn.base_use_ema)
+    _, base, params, step = load_run(cn.base, cn.base_step or None, use_ema=cn.base_use_ema)
     params = jax.device_get(params)
     reference = {
         "workdir": cn.base,
@@ -261,9 +261,11 @@ class ControlNetTask(Task):
             raise ConfigError(
                 f"model.conditioning_channels={full.model.conditioning_channels}: the hints have 1 channel"
             )
-        if int(full.model.get("num_classes", 0)) and cn.hint and config.diffusion.cond_drop_prob > 0:
+        if int(full.model.get("num_classes", 0)) and config.diffusion.cond_drop_prob > 0:
             if not full.model.get("null_label", False):
                 raise ConfigError("diffusion.cond_drop_prob > 0 needs a base with a null label (model.null_label)")
+        if not config.data.centered:
+            raise ConfigError("the hints are computed from images in [-1, 1]: task='controlnet' needs data.centered")
         try:
             build_network(full)
             check_input_shape(full.model, model_input_shape(full))
