@@ -30,7 +30,9 @@ from research.config import base_config
 AUTOENCODER = "runs/vae_mnist_fashion"
 
 
-def get_config():
+def get_config(variant: str = "latent"):
+    if variant not in ("latent", "pixel"):
+        raise ValueError(f"unknown variant {variant!r}: use 'latent' (the LDM recipe) or 'pixel'")
     c = base_config()
     c.task = "text_to_image"
     c.data.name, c.data.image_size, c.data.channels, c.data.num_classes = "mnist_fashion", 28, 1, 20
@@ -75,4 +77,22 @@ def get_config():
     c.sample.batch_size = 40
     c.sample.steps = "50"
     c.sample.clip_x0 = False  # latents are not bounded to [-1, 1]
+    if variant == "pixel":
+        pixel(c)
     return c
+
+
+def pixel(c):
+    """The same captions, text encoder and training recipe on the 28x28 pixels, at the size of the ControlNet demo's
+    class-conditional base (configs/controlnet_mnist.py): levels of 16, 32, 32 channels (28, 14, 7), one ResBlock
+    per encoder level, cross-attention only at 7x7 and in the middle block."""
+    c.latent.autoencoder = ""
+    c.latent.downsample_factor, c.latent.channels, c.latent.normalization = 0, 0, "scale"
+    c.model.block_out_channels = (16, 32, 32)
+    c.model.layers_per_block = 1
+    c.model.cross_attention_levels = (False, False, True)
+    c.model.attention_head_dim = 2
+    c.model.norm_num_groups = 8
+    c.sample.clip_x0 = True
+    # Every checkpoint is kept so experiments/t2i_demo.py can draw the accuracy curve over training.
+    c.train.num_steps, c.train.ckpt_every, c.train.keep_checkpoints = 6000, 1000, 10

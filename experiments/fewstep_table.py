@@ -1,11 +1,12 @@
-"""Few-step generation table: FID of PD, CD and CT students at 1, 2, 4, 8 steps against the teacher's DDIM at the
-same NFE and at 256 steps.
+"""Few-step generation table: FID of PD, CD, CT and ADD students at 1, 2, 4, 8 steps against the teacher's DDIM at
+the same NFE and at 256 steps.
 
-    python -m experiments.fewstep_table --teacher RUN --pd RUN --cd RUN --ct RUN [--steps 1,2,4,8]
+    python -m experiments.fewstep_table --teacher RUN --pd RUN --cd RUN --ct RUN --add RUN [--steps 1,2,4,8]
         [--teacher-steps 256] [--num 1000] [--seed 0] [--batch-size 500] [--out DIR]
     python -m experiments.fewstep_table --quick [--out DIR]
 
---quick trains the three 8x8-digits students (configs/{pd,cd,ct}_mnist.py:digits, with shortened budgets, see
+--quick trains the four 8x8-digits students (configs/{pd,cd,ct}_mnist.py:digits and configs/add_digits.py, with
+shortened budgets, see
 QUICK_STEPS) from the v-parameterised quickstart teacher in runs/quickstart_v (trained first when missing, about
 6 min) into OUT/runs/, then evaluates them; a finished or interrupted run there is resumed, not redone.
 One row per (model, steps): NFE, domain-classifier FID (fid_domain: the data set's classifier's penultimate
@@ -14,9 +15,11 @@ training split with the same number of images). Writes OUT/fewstep_table.{md,csv
 
 Each student samples with its own sampler: PD students with DDIM on the trailing grid they were distilled on (the
 checkpoint of the round that produced a k-step student), consistency models with multistep consistency sampling on
-the first k points of the (k+1)-point EDM grid. The teacher uses DDIM (eta 0) twice: on the repo's evenly spaced
-grid (whose first step at k <= 2 is far from the noisiest timestep, so it starts from the wrong noise level) and
-on the trailing grid pd_timesteps(T, k), which starts at T-1 and is the grid PD students use.
+the first k points of the (k+1)-point EDM grid, ADD students by predicting x0 and re-noising it on the trailing grid
+of k timesteps (only the k up to the number of timesteps they were trained at). The teacher uses DDIM (eta 0)
+twice: on the repo's evenly spaced grid (whose first step at k <= 2 is far from the noisiest timestep, so it starts
+from the wrong noise level) and on the trailing grid pd_timesteps(T, k), which starts at T-1 and is the grid PD
+students use.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# Updates for --quick on two CPU cores: PD 4 rounds of 150 (16 -> 1 steps), CD 600, CT 800.
-QUICK_STEPS = {"pd": 150, "cd": 600, "ct": 800}
+# Updates for --quick on two CPU cores: PD 4 rounds of 150 (16 -> 1 steps), CD 600, CT 800, ADD 1000.
+QUICK_STEPS = {"pd": 150, "cd": 600, "ct": 800, "add": 1000}
 QUICK_CONFIGS = {
     "pd": "configs/pd_mnist.py:digits",
     "cd": "configs/cd_mnist.py:digits",
     "ct": "configs/ct_mnist.py:digits",
+    "add": "configs/add_digits.py",
 }
+METHODS = ("pd", "cd", "ct", "add")
 
 
 def quick_config(method: str, teacher: str):
@@ -65,7 +70,7 @@ def train_quick(out: str, teacher: str) -> dict:
     # reports what training actually cost).
     seconds_path = os.path.join(out, "train_seconds.json")
     seconds = json.load(open(seconds_path)) if os.path.isfile(seconds_path) else {}
-    for method in ("pd", "cd", "ct"):
+    for method in METHODS:
         workdir = os.path.join(out, "runs", method)
         t0 = time.time()
         train(quick_config(method, teacher), workdir)
@@ -128,6 +133,11 @@ def student_cell(workdir, steps, num, seed, batch_size):
     return to_uint8(samples, config.data.centered), nfe, ckpt_step
 
 
+def student_timesteps(workdir: str) -> int:
+    with open(os.path.join(workdir, "config.json")) as f:
+        return int(json.load(f)["add"]["student_timesteps"])
+
+
 def write_outputs(rows, floor, protocol, out):
     fields = ["model", "sampler", "steps", "nfe", "checkpoint_step", "fid_domain", "sample_seconds"]
     with open(os.path.join(out, "fewstep_table.csv"), "w", newline="") as f:
@@ -178,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--pd", default=None)
     p.add_argument("--cd", default=None)
     p.add_argument("--ct", default=None)
+    p.add_argument("--add", default=None)
     p.add_argument("--steps", default="1,2,4,8")
     p.add_argument("--teacher-steps", type=int, default=256)
     p.add_argument("--num", type=int, default=None, help="images per cell (default 1000 with --quick, else 10000)")
@@ -194,7 +205,7 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(ROOT, "runs", "fewstep_table_quick" if args.quick else "fewstep_table")
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     t_start = time.time()
-    runs = {m: getattr(args, m) for m in ("pd", "cd", "ct")}
+    runs = {m: getattr(args, m) for m in METHODS}
     teacher = args.teacher
     if args.quick:
         teacher = teacher or os.path.join(ROOT, "runs", "quickstart_v")
@@ -280,9 +291,12 @@ def main(argv=None) -> int:
         "pd": ("PD student", "DDIM on its grid"),
         "cd": ("CD student", "consistency"),
         "ct": ("CT student", "consistency"),
+        "add": ("ADD student", "x0, re-noise (trailing grid)"),
     }
     for method, workdir in runs.items():
         for k in steps:
+            if method == "add" and k > student_timesteps(workdir):
+                continue
             add(
                 names[method][0],
                 names[method][1],

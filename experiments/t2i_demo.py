@@ -2,7 +2,7 @@
 
     python -m experiments.t2i_demo --workdir runs/t2i_mnist_fashion [--guidance 2] [--per-prompt 100]
         [--sampler ddim] [--steps 50] [--seed 0] [--clip mnist=runs/clip_mnist,fashion_mnist=runs/clip_fashion_mnist]
-        [--inception] [--out DIR]
+        [--inception] [--step N] [--curve-per-prompt 25] [--out DIR]
 
 The run's sampler (the one `research.sample` uses) draws --per-prompt samples for each of the 20 prompts (each class
 name in its data set's first training template: "a handwritten seven.", "a photo of a sneaker."), seeds
@@ -14,7 +14,10 @@ features (and with --inception in Inception-v3's, the pytorch-fid protocol), wit
 With --clip, the CLIP score (100 max(cos, 0), research/metrics/clip.py) of each sample with its prompt under the
 CLIP run trained here on that data set, beside the same score of real test images with their class's prompt.
 Writes OUT/demo.md (protocol first), OUT/demo.json, OUT/samples.npz and OUT/prompts.png (a row of samples per
-prompt); OUT defaults to RUN/t2i_demo.
+prompt); OUT defaults to RUN/t2i_demo. --step picks the checkpoint (default the newest). With --curve-per-prompt N
+(0 skips it) the mean per-prompt accuracy of N samples per prompt is also measured at every checkpoint the run kept
+(same sampler, guidance and seeds), the learning curve that shows whether the model has converged: OUT/curve.json
+and OUT/curve.png.
 """
 
 from __future__ import annotations
@@ -56,6 +59,63 @@ def clip_scores(clip_run: str, images: np.ndarray, prompts: list, centered: bool
     )
 
 
+def prompt_accuracy(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[20] the fraction of each prompt's samples its data set's domain classifier puts in the prompt's class."""
+    from research.metrics import classifier
+
+    accuracy = np.full(10 * len(PARTS), np.nan)
+    for part, offset in PARTS:
+        mask = (labels >= offset) & (labels < offset + 10)
+        predicted = classifier.get_domain_classifier(part, progress=False).probs(images[mask], progress=False)
+        for c in range(10):
+            sel = labels[mask] - offset == c
+            accuracy[offset + c] = float(np.mean(predicted[sel].argmax(axis=1) == c))
+    return accuracy
+
+
+def accuracy_curve(workdir: str, config, options, per_prompt: int, seed: int, out: str) -> list:
+    """Mean per-prompt accuracy (and per data set) at every checkpoint of the run -> rows; draws OUT/curve.png."""
+    import dataclasses
+
+    from research.run import checkpoint_steps
+    from research.tasks import get_task
+
+    rows = []
+    for step in checkpoint_steps(workdir):
+        run = get_task(config.task).sampler(workdir, config, dataclasses.replace(options, step=int(step)))
+        samples = run(10 * len(PARTS) * per_prompt, seed=seed)
+        accuracy = prompt_accuracy(samples.images, np.asarray(samples.labels))
+        rows.append(
+            {
+                "step": int(step),
+                "accuracy": float(accuracy.mean()),
+                "mnist": float(accuracy[:10].mean()),
+                "fashion_mnist": float(accuracy[10:].mean()),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    steps = [r["step"] for r in rows]
+    for key, label in (("accuracy", "all 20 prompts"), ("mnist", "MNIST prompts"), ("fashion_mnist", "Fashion-MNIST")):
+        ax.plot(steps, [r[key] for r in rows], marker="o", label=label)
+    ax.axhline(0.8, color="gray", linestyle=":", label="target 0.8")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean per-prompt accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curve.png"), dpi=120)
+    plt.close(fig)
+    json.dump(rows, open(os.path.join(out, "curve.json"), "w"), indent=1)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
@@ -66,12 +126,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", default="")
     p.add_argument("--inception", action="store_true")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--curve-per-prompt", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     from research.data import make_eval_arrays
     from research.images import save_grid
-    from research.metrics import classifier
     from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
     from research.run import read_config
     from research.tasks import SampleOptions, get_task
@@ -86,6 +147,12 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     prompts = class_prompts(config)
     options = SampleOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance, batch_size=500)
+    curve = []
+    if args.curve_per_prompt:
+        curve = accuracy_curve(args.workdir, config, options, args.curve_per_prompt, args.seed, out)
+    options = SampleOptions(
+        step=args.step, sampler=args.sampler, steps=args.steps, guidance=args.guidance, batch_size=500
+    )
     run = get_task(config.task).sampler(args.workdir, config, options)
     t0 = time.time()
     samples = run(len(prompts) * args.per_prompt, seed=args.seed)
@@ -96,12 +163,11 @@ def main(argv=None) -> int:
     rows = np.concatenate([images[order][labels[order] == c][:10] for c in range(len(prompts))])
     save_grid(rows, os.path.join(out, "prompts.png"), ncols=10)
 
+    accuracy = prompt_accuracy(images, labels)
     per_prompt, per_part = [], []
     for part, offset in PARTS:
         mask = (labels >= offset) & (labels < offset + 10)
         part_images, part_labels = images[mask], labels[mask] - offset
-        clf = classifier.get_domain_classifier(part, progress=False)
-        predicted = clf.probs(part_images, progress=False).argmax(axis=1)
         scores = None
         if part in clip_runs:
             scores = clip_scores(clip_runs[part], part_images, list(np.array(prompts)[labels[mask]]), True)
@@ -109,12 +175,12 @@ def main(argv=None) -> int:
             real_scores = clip_scores(clip_runs[part], real, [prompts[offset + int(y)] for y in real_labels], True)
         for c in range(10):
             sel = part_labels == c
-            row = {"prompt": prompts[offset + c], "accuracy": float(np.mean(predicted[sel] == c)), "n": int(sel.sum())}
+            row = {"prompt": prompts[offset + c], "accuracy": float(accuracy[offset + c]), "n": int(sel.sum())}
             if scores is not None:
                 row["clip_score"] = float(np.mean(scores[sel]))
                 row["clip_score_real"] = float(np.mean(real_scores[real_labels == c]))
             per_prompt.append(row)
-        summary = {"data": part, "accuracy": float(np.mean(predicted == part_labels))}
+        summary = {"data": part, "accuracy": float(np.mean(accuracy[offset : offset + 10]))}
         spaces = ("domain", "inception") if args.inception else ("domain",)
         for kind in spaces:
             result = evaluate_images(
@@ -156,10 +222,13 @@ def main(argv=None) -> int:
         inc = f" {s['fid_inception']:.2f} |" if args.inception else ""
         clip = (f"{s['clip_score']:.2f}", f"{s['clip_score_real']:.2f}") if "clip_score" in s else ("-", "-")
         lines.append(f"| {s['data']} | {s['accuracy']:.3f} | {s['fid_domain']:.2f} |{inc} {clip[0]} | {clip[1]} |")
+    if curve:
+        points = ", ".join(f"{r['step']}: {r['accuracy']:.3f}" for r in curve)
+        lines += ["", f"Mean per-prompt accuracy at each checkpoint ({args.curve_per_prompt} per prompt): {points}."]
     text = "\n".join(lines) + "\n"
     open(os.path.join(out, "demo.md"), "w").write(text)
     json.dump(
-        {"protocol": protocol, "prompts": per_prompt, "data": per_part, "sample_seconds": seconds},
+        {"protocol": protocol, "prompts": per_prompt, "data": per_part, "sample_seconds": seconds, "curve": curve},
         open(os.path.join(out, "demo.json"), "w"),
         indent=1,
     )

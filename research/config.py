@@ -157,7 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
     # parameters are a separate EMA with train.ema_decay (sample.use_ema picks it, as for diffusion runs).
     c.fewstep = ml_collections.ConfigDict(
         dict(
-            method="pd",  # pd (Salimans & Ho 2022) | cd (consistency distillation) | ct (consistency training)
+            method="pd",  # pd (Salimans & Ho 2022) | cd (consistency distillation) | ct (consistency training) |
+            # add (adversarial diffusion distillation, the c.add section)
             teacher_workdir="",  # pd, cd: workdir of a task='diffusion' run
             teacher_step=-1,  # its checkpoint step; -1 takes the newest
             teacher_use_ema=True,  # distil the teacher's EMA parameters
@@ -187,7 +188,24 @@ def base_config() -> ml_collections.ConfigDict:
             s0=2,  # ct: initial discretisation steps
             s1=150,  # ct: final discretisation steps
             mu0=0.9,  # ct, curriculum='cm': the target EMA decay at step 0
-            sample_steps=1,  # cd, ct: steps of the training-time sample grid (pd uses the round's count)
+            sample_steps=1,  # cd, ct, add: steps of the training-time sample grid (pd uses the round's count)
+        )
+    )
+    # fewstep.method='add': adversarial diffusion distillation (Sauer et al. 2023; research/diffusion/adversarial.py,
+    # research/tasks/add.py). The teacher is fewstep.teacher_workdir; the student starts as it.
+    c.add = ml_collections.ConfigDict(
+        dict(
+            student_timesteps=4,  # k: the student trains at the trailing grid of k timesteps (999/749/499/249)
+            distill_weight=2.5,  # lambda of the distillation term (the paper's 2.5); 0 drops it
+            adversarial_weight=1.0,  # weight of the generator's adversarial term; 0 drops it (distillation only)
+            weighting="alpha",  # c(t) of the distillation term: alpha (sqrt(alpha_bar_t), ADD) | alpha_bar | uniform
+            teacher_guidance=1.0,  # classifier-free guidance scale of the teacher's target (class-conditional teachers)
+            features="classifier",  # the discriminator's frozen feature network: classifier | teacher
+            feature_t=100,  # 'teacher' features: the timestep the input is re-noised to before the teacher's encoder
+            disc_width=64,  # width of each discriminator head
+            disc_lr=1e-4,  # the discriminator's Adam (b1 = 0, b2 = 0.99, as GANs since StyleGAN use)
+            r1_gamma=0.1,  # R1 penalty gamma on real data (the loss adds gamma / 2 * R1); 0 drops it
+            disc_steps=1,  # discriminator updates per generator update (the update ratio), on the same batch
         )
     )
 

@@ -20,7 +20,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 from research.config import ConfigError, config_from_dict
 
@@ -121,17 +121,27 @@ def restore_tree(workdir: str, step: Optional[int] = None) -> tuple:
 
 def load_params(workdir: str, step: Optional[int] = None, *, part: str = "net", use_ema: bool = True) -> tuple:
     """(config, params of `part`, step) of a run: the EMA copy when use_ema and the part has one."""
+    config, params, step = load_parts(workdir, step, parts=(part,), use_ema=use_ema)
+    return config, params[part], step
+
+
+def load_parts(workdir: str, step: Optional[int] = None, *, parts: Sequence[str], use_ema: bool = True) -> tuple:
+    """(config, {part: params}, step) of a run, the checkpoint read once for all the parts: for each, the EMA copy
+    when use_ema and the part has one."""
     config = read_config(workdir)
     tree, _, step = restore_tree(workdir, step)
-    source = tree.get("ema_params") if use_ema else None
-    if not source or part not in source:
-        source = tree.get("params") or {}
-    if part not in source:
-        raise ConfigError(
-            f"the checkpoint at step {step} in {workdir} has no part {part!r} "
-            f"(it has {sorted(tree.get('params') or {})})"
-        )
-    return config, source[part], step
+    out = {}
+    for part in parts:
+        source = tree.get("ema_params") if use_ema else None
+        if not source or part not in source:
+            source = tree.get("params") or {}
+        if part not in source:
+            raise ConfigError(
+                f"the checkpoint at step {step} in {workdir} has no part {part!r} "
+                f"(it has {sorted(tree.get('params') or {})})"
+            )
+        out[part] = source[part]
+    return config, out, step
 
 
 def _git_commit() -> str:

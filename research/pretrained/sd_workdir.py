@@ -163,7 +163,7 @@ def read_sd_workdir(workdir: str, step=None, use_ema: bool = True):
     """SDPipelineParts of a converted workdir (or of a text_to_image run fine-tuned from one) at `step` (newest)."""
     from research.latents import load_run_autoencoder
     from research.pretrained.convert_sd import SDPipelineParts
-    from research.run import load_params, read_config
+    from research.run import load_parts
 
     workdir = os.path.abspath(workdir)
     source = sd_source(workdir)
@@ -176,9 +176,8 @@ def read_sd_workdir(workdir: str, step=None, use_ema: bool = True):
         record = json.load(f)
     with open(os.path.join(source, "scheduler_config.json")) as f:
         scheduler = json.load(f)
-    config = read_config(workdir)
-    _, unet_params, step = load_params(workdir, step, part="net", use_ema=use_ema)
-    _, text_params, _ = load_params(workdir, step, part="text", use_ema=use_ema)
+    config, params, step = load_parts(workdir, step, parts=("net", "text"), use_ema=use_ema)
+    unet_params, text_params = params["net"], params["text"]
     ae = load_run_autoencoder(config)
     unet_fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "context_length", "dtype")}
     unet_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in unet_fields.items()}

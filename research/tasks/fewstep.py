@@ -17,6 +17,9 @@ karras.py) and this module only wires it into the loop's Trainer contract (init,
   ct  Consistency training (CM Alg. 3, curriculum='cm': N(k), mu(k) schedules and an EMA target) or improved
       CT (Song & Dhariwal 2023, curriculum='ict': exponential N(k), lognormal pair sampling, pseudo-Huber,
       1/(sigma_{n+1} - sigma_n) weights, and no EMA target: the target is stop_gradient(theta)). No teacher.
+  add Adversarial diffusion distillation (Sauer et al. 2023): a student at a few fixed timesteps trained against
+      a discriminator on a frozen feature network plus a distillation term to the frozen teacher; research/tasks/
+      add.py builds its trainer and sampler (config section `add`).
 
 Networks. The backbone is the config's model (a U-Net taking (x, t, labels)). A PD student and a CD student
 start as the teacher's network, so they keep its VP interface: inputs x_t = x / sqrt(1 + sigma^2) and the integer
@@ -66,7 +69,7 @@ from research.train.state import (
     make_optimizer,
 )
 
-METHODS = ("pd", "cd", "ct")
+METHODS = ("pd", "cd", "ct", "add")
 CURRICULA = ("cm", "ict")
 
 
@@ -149,7 +152,7 @@ def has_target(config) -> bool:
 
 
 def has_teacher(config) -> bool:
-    return config.fewstep.method in ("pd", "cd")
+    return config.fewstep.method in ("pd", "cd", "add")
 
 
 # -------------------------------------------------------------------------------------------------- teacher
@@ -242,6 +245,10 @@ def make_student_sampler(config, model, steps: int, batch_size: int):
     pd: DDIM (eta=0) on the student's trailing grid pd_timesteps(T, k), the grid it was distilled on.
     cd/ct: multistep consistency sampling over `consistency_sample_sigmas(k)`.
     """
+    if config.fewstep.method == "add":
+        from research.tasks.add import make_add_sampler
+
+        return make_add_sampler(config, model, steps, batch_size)
     schedule = schedule_from_config(config.diffusion)
     shape = (batch_size, *model_input_shape(config))
     if config.fewstep.method == "pd":
@@ -497,6 +504,10 @@ class FewstepTask(Task):
         """Building it reads the teacher's config only; the teacher's weights are read by init (and, for cd, here,
         as a frozen part)."""
         f, tc = config.fewstep, config.train
+        if f.method == "add":
+            from research.tasks.add import build_add_trainer
+
+            return build_add_trainer(config, mesh)
         model = build_network(config)
         schedule = schedule_from_config(config.diffusion)
         conditional = bool(config.model.get("num_classes", 0))
@@ -618,6 +629,11 @@ class FewstepTask(Task):
             ) from None
         if k < 1:
             raise ConfigError(f"--steps must be >= 1, got {k}")
+        if f.method == "add" and k > config.add.student_timesteps:
+            raise ConfigError(
+                f"--steps {k}: this ADD student was trained at {config.add.student_timesteps} timesteps and samples "
+                f"with 1 to {config.add.student_timesteps} steps"
+            )
         _, model, params, step = load_student(
             workdir, k if f.method == "pd" else None, use_ema=options.use_ema, step=options.step
         )
@@ -655,7 +671,7 @@ def _validate_fewstep(config) -> None:
     """task='fewstep': method-specific values, and PD's round / checkpoint layout."""
     f, tc = config.fewstep, config.train
     choices = {
-        "method": ("pd", "cd", "ct"),
+        "method": METHODS,
         "pd_weighting": ("truncated_snr", "snr_plus_one", "none"),
         "solver": ("euler", "heun"),
         "distance": ("l2", "pseudo_huber"),
@@ -676,7 +692,7 @@ def _validate_fewstep(config) -> None:
             "task='fewstep' distils the mean of a fixed-variance model; use a teacher with "
             "diffusion.var_type='fixed_small' or 'fixed_large'"
         )
-    if f.method in ("pd", "cd") and not f.teacher_workdir:
+    if f.method in ("pd", "cd", "add") and not f.teacher_workdir:
         raise ConfigError(f"fewstep.method={f.method!r} distils a teacher: set fewstep.teacher_workdir to its workdir")
     if f.method == "pd":
         try:
@@ -721,6 +737,10 @@ def _validate_fewstep(config) -> None:
             )
     if f.sample_steps < 1:
         raise ConfigError(f"fewstep.sample_steps must be >= 1, got {f.sample_steps}")
+    if f.method == "add":
+        from research.tasks.add import validate_add
+
+        validate_add(config)
 
 
 __all__ = [
