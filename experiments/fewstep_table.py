@@ -57,7 +57,8 @@ def quick_config(method: str, teacher: str):
             ("train.sample_every", str(n)),
         ]
     else:
-        overrides += [("train.num_steps", str(n)), ("train.ckpt_every", str(n)), ("train.sample_every", str(n))]
+        every = n // 4 if method == "add" else n  # ADD keeps 4 checkpoints: its learning curve
+        overrides += [("train.num_steps", str(n)), ("train.ckpt_every", str(every)), ("train.sample_every", str(n))]
     overrides += [("train.progress", "false"), ("train.log_every", "50")]
     return get_config(os.path.join(ROOT, QUICK_CONFIGS[method]), overrides)
 

@@ -249,3 +249,20 @@ def test_distillation_term_alone_pulls_the_student_to_the_teacher(teacher, tmp_p
 
     before, after = objective(teacher_params), objective(student_params)
     assert after < 0.85 * before, (before, after)
+
+
+@pytest.mark.parametrize("path", ["configs/add_digits.py", "configs/add_digits.py:teacher", "configs/add_mnist.py"])
+def test_add_configs_are_the_paper_recipe_and_validate(path):
+    from research.config import load_config_file
+    from research.tasks import validate_config
+
+    c = load_config_file(path)
+    assert c.task == "fewstep" and c.fewstep.method == "add" and c.diffusion.prediction == "v"
+    assert c.add.student_timesteps == 4 and c.add.distill_weight == 2.5 and c.add.weighting == "alpha"
+    np.testing.assert_array_equal(adv.add_timesteps(c.diffusion.timesteps, 4), [999, 749, 499, 249])
+    assert c.add.features == ("teacher" if path.endswith(":teacher") else "classifier")
+    validate_config(c)
+    bad = load_config_file(path)
+    bad.fewstep.sample_steps = 5
+    with pytest.raises(Exception, match="sample_steps=5"):
+        validate_config(bad)

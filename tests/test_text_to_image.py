@@ -130,3 +130,18 @@ def test_config_errors_name_the_fix(tmp_path):
     with open(tmp_path / "unet_run" / "config.json", "w") as f:
         json.dump({"task": "diffusion"}, f)
     check([("text.encoder", str(tmp_path / "unet_run"))], "is a 'diffusion' run, not a CLIP run")
+
+
+def test_demo_config_variants():
+    """configs/t2i_mnist_fashion.py: the pixel demo U-Net (364,017 parameters: levels 16/32/32, cross-attention at
+    7x7 and in the middle block) and the latent one validate; an unknown variant is refused."""
+    from research.config import load_config_file
+    from research.summary import summarize
+
+    pixel = load_config_file("configs/t2i_mnist_fashion.py:pixel")
+    assert not pixel.latent.autoencoder and pixel.model.cross_attention_levels == (False, False, True)
+    validate_config(pixel)
+    assert summarize(pixel)["params"] == 364_017
+    assert load_config_file("configs/t2i_mnist_fashion.py").latent.autoencoder == "runs/vae_mnist_fashion"
+    with pytest.raises(ValueError, match="unknown variant"):
+        load_config_file("configs/t2i_mnist_fashion.py:pixels")
