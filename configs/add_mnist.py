@@ -35,6 +35,7 @@ def get_config(variant: str = "student"):
     c.fewstep.sample_steps = 1
     c.add.features = "classifier"
     c.add.teacher_guidance = 2.0
+    c.add.disc_lr = 1e-3  # as configs/add_digits.py found
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 0
     c.optim.lr_schedule = "constant"

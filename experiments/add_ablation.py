@@ -2,13 +2,14 @@
 distillation term on and off, and its weight lambda.
 
     python -m experiments.add_ablation [--teacher runs/quickstart_v] [--num 1000] [--steps 1,2,4] [--out DIR]
-        [--only NAME[,NAME...]]
+        [--only NAME[,NAME...]] [--curve NAME]
 
 Each variant is configs/add_digits.py with the overrides in VARIANTS, trained for the same 1000 updates at batch 64
 from the same teacher (trained first when missing, as experiments/fewstep_table.py --quick does) into OUT/runs/NAME;
 a finished run is reused and an interrupted one resumed. Every student is sampled at 1, 2 and 4 steps and scored
 by the fewstep table's protocol: domain-classifier FID of 1000 samples against the digits training split.
-Writes OUT/add_ablation.{md,json}; OUT defaults to runs/add_ablation.
+Writes OUT/add_ablation.{md,json}; OUT defaults to runs/add_ablation. --curve NAME also scores every checkpoint the
+variant kept (every 250 updates) at the same step counts: its learning curve, OUT/curve_NAME.{json,png}.
 """
 
 from __future__ import annotations
@@ -40,6 +41,45 @@ def variant_config(name: str, teacher: str):
     return get_config(os.path.join(ROOT, "configs", "add_digits.py"), overrides + VARIANTS[name][1])
 
 
+def learning_curve(workdir: str, steps: list, num: int, seed: int, out: str, name: str) -> list:
+    """Domain FID of `num` samples at each of `steps` for every checkpoint of an ADD run -> rows; draws a plot."""
+    from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
+    from research.run import checkpoint_steps
+    from research.sampling import to_uint8
+    from research.tasks.fewstep import generate, load_student, make_student_sampler
+
+    space, ref = feature_space("domain", "digits"), DatasetSpec("digits", "train")
+    rows = []
+    for ckpt in checkpoint_steps(workdir):
+        config, model, params, _ = load_student(workdir, step=int(ckpt))
+        row = {"step": int(ckpt)}
+        for k in steps:
+            samples, _, _ = generate(make_student_sampler(config, model, k, 500), params, num, 500, seed=seed)
+            images = to_uint8(samples, config.data.centered)
+            row[str(k)] = evaluate_images(images, space, ref, kid=False, precision_recall=False, progress=False)["fid"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for k in steps:
+        ax.plot([r["step"] for r in rows], [r[str(k)] for r in rows], marker="o", label=f"{k} step{'s' * (k > 1)}")
+    ax.set_yscale("log")
+    ax.set_xlabel("ADD training step")
+    ax.set_ylabel("FID (domain classifier)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"curve_{name}.png"), dpi=120)
+    plt.close(fig)
+    with open(os.path.join(out, f"curve_{name}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=os.path.join(ROOT, "runs", "quickstart_v"))
@@ -47,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="1,2,4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="")
+    p.add_argument("--curve", default="")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "add_ablation"))
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
@@ -96,6 +137,11 @@ def main(argv=None) -> int:
     for row in results.values():
         fids = " | ".join(f"{row['fid'][str(k)]:.2f}" for k in steps)
         lines.append(f"| {row['what']} | {fids} | {row['d_accuracy_last100']:.3f} |")
+    if args.curve:
+        run = os.path.join(args.out, "runs", args.curve)
+        rows = learning_curve(run, steps, args.num, args.seed, args.out, args.curve)
+        points = "; ".join(f"{r['step']}: " + ", ".join(f"{r[str(k)]:.1f}" for k in steps) for r in rows)
+        lines += ["", f"Learning curve of {args.curve} (FID at {args.steps} steps per checkpoint): {points}."]
     with open(os.path.join(args.out, "add_ablation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "add_ablation.json"), "w") as f:

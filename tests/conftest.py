@@ -60,6 +60,7 @@ _LONGEST_FIRST = (
     "test_fewstep_train.py",
     "test_generate.py",
     "test_controlnet.py",
+    "test_add.py",
     "test_train.py",
 )
 
