@@ -295,8 +295,9 @@ def main(argv=None) -> int:
         "add": ("ADD student", "x0, re-noise (trailing grid)"),
     }
     for method, workdir in runs.items():
+        most = student_timesteps(workdir) if method == "add" else max(steps)
         for k in steps:
-            if method == "add" and k > student_timesteps(workdir):
+            if k > most:
                 continue
             add(
                 names[method][0],

@@ -146,13 +146,12 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(args.workdir, "t2i_demo")
     os.makedirs(out, exist_ok=True)
     prompts = class_prompts(config)
-    options = SampleOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance, batch_size=500)
-    curve = []
-    if args.curve_per_prompt:
-        curve = accuracy_curve(args.workdir, config, options, args.curve_per_prompt, args.seed, out)
     options = SampleOptions(
         step=args.step, sampler=args.sampler, steps=args.steps, guidance=args.guidance, batch_size=500
     )
+    curve = []
+    if args.curve_per_prompt:  # every checkpoint (accuracy_curve sets the step)
+        curve = accuracy_curve(args.workdir, config, options, args.curve_per_prompt, args.seed, out)
     run = get_task(config.task).sampler(args.workdir, config, options)
     t0 = time.time()
     samples = run(len(prompts) * args.per_prompt, seed=args.seed)

@@ -172,7 +172,7 @@ def test_adversarial_term_alone_trains_the_heads_and_keeps_frozen_parts(teacher,
     the feature network come out bit-identical, referenced by sha256 in the checkpoint; the student samples."""
     from research.latents import params_digest
     from research.metrics.classifier import get_domain_classifier
-    from research.run import load_params, read_meta
+    from research.run import load_params, read_config, read_meta
     from research.sample import main as sample_main
     from research.train.loop import build_trainer, train
 
@@ -188,7 +188,7 @@ def test_adversarial_term_alone_trains_the_heads_and_keeps_frozen_parts(teacher,
     assert late > 0.65 and late > early + 0.15, [round(r["d_accuracy"], 3) for r in rows]
 
     _, teacher_params, _ = load_params(teacher)
-    trainer = build_trainer(read_config_of(workdir))
+    trainer = build_trainer(read_config(workdir))
     frozen = jax.device_get(trainer.context["frozen"])
     for a, b in zip(jax.tree.leaves(frozen["teacher"]), jax.tree.leaves(teacher_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -203,12 +203,6 @@ def test_adversarial_term_alone_trains_the_heads_and_keeps_frozen_parts(teacher,
     saved = np.load(os.path.join(workdir, "samples", "samples_add_2steps_seed0.npz"))
     assert saved["images"].shape == (4, 8, 8, 1) and int(saved["nfe"]) == 2
     assert sample_main(["--workdir", workdir, "--steps", "5", "--num", "4"]) == 2
-
-
-def read_config_of(workdir):
-    from research.run import read_config
-
-    return read_config(workdir)
 
 
 def test_distillation_term_alone_pulls_the_student_to_the_teacher(teacher, tmp_path):

@@ -5,6 +5,7 @@
   'classifier'  the domain classifier of the data set (research/metrics/classifier.py): the outputs of its
                 convolutions (each stage) and of its penultimate dense layer. Trained on the data set itself, it is
                 this codebase's stand-in for ADD's DINOv2, a network that knows what the images should look like.
+                Built, like 'teacher', by research/tasks/add.py (metrics and the diffusion math are not models).
   'teacher'     the frozen diffusion teacher's own encoder (its U-Net's last ResBlock of every level and the middle
                 block) run on the input re-noised to timestep feature_t, as latent ADD (Sauer et al. 2024) reads
                 the teacher's features instead of a pixel-space network's.
@@ -97,58 +98,10 @@ class FeatureNetwork:
         return len(self.shapes)
 
 
-def classifier_features(dataset: str, centered: bool = True) -> FeatureNetwork:
-    """The domain classifier of `dataset` (trained and cached on first use) as a feature network."""
-    from research.metrics.classifier import SmallCNN, get_domain_classifier
-
-    clf = get_domain_classifier(dataset, progress=False)
-    net = SmallCNN.from_recipe(clf.recipe)
-    names = [f"Conv_{i}" for i in range(len(clf.recipe.widths) * clf.recipe.convs_per_stage)] + ["features"]
-
-    def features(params, x, key=None, labels=None):
-        x = x if centered else 2.0 * x - 1.0
-        return capture(net, {"params": params}, names, x, train=False)
-
-    size, ch = clf.recipe.image_size, clf.recipe.channels
-    shapes = [f.shape for f in jax.eval_shape(lambda p: features(p, jnp.zeros((1, size, size, ch))), clf.params)]
-    reference = {"kind": "classifier", "name": clf.name, "sha256": clf.checksum, "layers": names}
-    return FeatureNetwork("classifier", features, clf.params, reference, shapes)
-
-
-def teacher_features(model, params, schedule, model_config, image_shape, feature_t: int, reference: dict):
-    """The teacher U-Net's encoder features at timestep feature_t (x re-noised with the key's noise)."""
-    from research.cond import Cond
-    from research.diffusion import gaussian
-
-    if model_config.get("name") != "unet":
-        raise ValueError(f"the 'teacher' feature network reads a 'unet' teacher's encoder, not {model_config['name']}")
-    levels, blocks = len(model_config["ch_mult"]), int(model_config["num_res_blocks"])
-    names = [f"down{level}_res{blocks - 1}" for level in range(levels)] + ["mid_res1"]
-    conditional = bool(model_config.get("num_classes", 0))
-
-    def features(p, x, key, labels=None):
-        b = x.shape[0]
-        t = jnp.full((b,), int(feature_t), jnp.int32)
-        x_t = gaussian.q_sample(schedule, x, t, jax.random.normal(key, x.shape, x.dtype))
-        cond = Cond(label=labels) if conditional else None
-        return capture(model, {"params": p}, names, x_t, t, cond, train=False)
-
-    labels = jnp.zeros((1,), jnp.int32)
-    shapes = [
-        f.shape
-        for f in jax.eval_shape(
-            lambda p: features(p, jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0), labels), params
-        )
-    ]
-    return FeatureNetwork("teacher", features, params, dict(reference, layers=names, feature_t=int(feature_t)), shapes)
-
-
 __all__ = [
     "FEATURE_NETWORKS",
     "DiscriminatorHeads",
     "FeatureNetwork",
     "ProjectionHead",
     "capture",
-    "classifier_features",
-    "teacher_features",
 ]

@@ -30,7 +30,12 @@ from research.diffusion import adversarial as adv
 from research.diffusion import gaussian
 from research.diffusion.guidance import guided_denoiser, null_like
 from research.diffusion.sampling_common import SampleResult
-from research.models.discriminator import FEATURE_NETWORKS, DiscriminatorHeads, classifier_features, teacher_features
+from research.models.discriminator import (
+    FEATURE_NETWORKS,
+    DiscriminatorHeads,
+    FeatureNetwork,
+    capture,
+)
 from research.train import mesh as mesh_lib
 from research.train.state import TrainState, apply_gradients, ema_decay_at, init_train_state
 
@@ -61,6 +66,49 @@ def validate_add(config) -> None:
             f"add.teacher_guidance={a.teacher_guidance} needs a teacher trained with a null label "
             f"(model.null_label=True); use 1.0"
         )
+
+
+def classifier_features(dataset: str, centered: bool = True) -> FeatureNetwork:
+    """The domain classifier of `dataset` (trained and cached on first use) as a feature network."""
+    from research.metrics.classifier import SmallCNN, get_domain_classifier
+
+    clf = get_domain_classifier(dataset, progress=False)
+    net = SmallCNN.from_recipe(clf.recipe)
+    names = [f"Conv_{i}" for i in range(len(clf.recipe.widths) * clf.recipe.convs_per_stage)] + ["features"]
+
+    def features(params, x, key=None, labels=None):
+        x = x if centered else 2.0 * x - 1.0
+        return capture(net, {"params": params}, names, x, train=False)
+
+    size, ch = clf.recipe.image_size, clf.recipe.channels
+    shapes = [f.shape for f in jax.eval_shape(lambda p: features(p, jnp.zeros((1, size, size, ch))), clf.params)]
+    reference = {"kind": "classifier", "name": clf.name, "sha256": clf.checksum, "layers": names}
+    return FeatureNetwork("classifier", features, clf.params, reference, shapes)
+
+
+def teacher_features(model, params, schedule, model_config, image_shape, feature_t: int, reference: dict):
+    """The teacher U-Net's encoder features at timestep feature_t (x re-noised with the key's noise)."""
+    if model_config.get("name") != "unet":
+        raise ValueError(f"the 'teacher' feature network reads a 'unet' teacher's encoder, not {model_config['name']}")
+    levels, blocks = len(model_config["ch_mult"]), int(model_config["num_res_blocks"])
+    names = [f"down{level}_res{blocks - 1}" for level in range(levels)] + ["mid_res1"]
+    conditional = bool(model_config.get("num_classes", 0))
+
+    def features(p, x, key, labels=None):
+        b = x.shape[0]
+        t = jnp.full((b,), int(feature_t), jnp.int32)
+        x_t = gaussian.q_sample(schedule, x, t, jax.random.normal(key, x.shape, x.dtype))
+        cond = Cond(label=labels) if conditional else None
+        return capture(model, {"params": p}, names, x_t, t, cond, train=False)
+
+    labels = jnp.zeros((1,), jnp.int32)
+    shapes = [
+        f.shape
+        for f in jax.eval_shape(
+            lambda p: features(p, jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0), labels), params
+        )
+    ]
+    return FeatureNetwork("teacher", features, params, dict(reference, layers=names, feature_t=int(feature_t)), shapes)
 
 
 def disc_optimizer(config) -> optax.GradientTransformation:
@@ -136,14 +184,20 @@ def make_add_step(config, model, schedule, heads, feature_net, txs, lr_schedule,
         def student(params):
             return student_x0_fn(model, params, prediction, schedule, train=True, dropout_rng=drop_key)(x_s, s, cond)
 
-        def logits(disc_params, x):
-            feats = feature_net.features(frozen["features"], x, feat_key, labels)
-            return heads.apply({"params": disc_params}, feats, labels)
+        def features(x):
+            return feature_net.features(frozen["features"], x, feat_key, labels)
 
-        fake = jax.lax.stop_gradient(student(state.params["net"]))
+        def logits(disc_params, x):
+            return heads.apply({"params": disc_params}, features(x), labels)
+
+        # The frozen network's features of the real and the (detached) fake batch do not depend on the heads: read
+        # once for all add.disc_steps updates (R1 differentiates through them, so it reads the real batch itself).
+        real_feats = features(x0)
+        fake_feats = features(jax.lax.stop_gradient(student(state.params["net"])))
 
         def d_loss_fn(disc_params):
-            real_logits, fake_logits = logits(disc_params, x0), logits(disc_params, fake)
+            real_logits = heads.apply({"params": disc_params}, real_feats, labels)
+            fake_logits = heads.apply({"params": disc_params}, fake_feats, labels)
             loss = adv.hinge_discriminator_loss(real_logits, fake_logits)
             r1 = jnp.zeros(())
             if gamma > 0:
@@ -194,7 +248,7 @@ def build_add_trainer(config, mesh):
     from research.sampling import schedule_from_config
     from research.shapes import abstract_net_params, build_network
     from research.tasks.common import compile_trainer, model_meta
-    from research.tasks.fewstep import load_teacher
+    from research.tasks.teacher import load_teacher
     from research.train.state import learning_rate_schedule, make_optimizer
 
     f, tc = config.fewstep, config.train

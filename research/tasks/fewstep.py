@@ -54,11 +54,12 @@ from research.diffusion import consistency as cm
 from research.diffusion import distillation as pd_lib
 from research.diffusion import gaussian, karras
 from research.diffusion.samplers import ddim_sample
-from research.run import load_params, read_config, resolve_step
+from research.run import read_config, resolve_step
 from research.sampling import make_denoiser, schedule_from_config, to_uint8
 from research.shapes import abstract_net_params, build_network, init_net_params, model_input_shape
 from research.tasks import SampleOptions, Samples, Task, Trainer, default_labels, register_task
 from research.tasks.common import compile_trainer, model_meta, validate_network
+from research.tasks.teacher import load_teacher
 from research.train import mesh as mesh_lib
 from research.train.state import (
     TrainState,
@@ -153,45 +154,6 @@ def has_target(config) -> bool:
 
 def has_teacher(config) -> bool:
     return config.fewstep.method in ("pd", "cd", "add")
-
-
-# -------------------------------------------------------------------------------------------------- teacher
-
-
-def load_teacher(config):
-    """(teacher params, teacher step) from fewstep.teacher_workdir, after checking it matches this config."""
-    f = config.fewstep
-    try:
-        tconfig = read_config(f.teacher_workdir)
-    except ConfigError:
-        raise ConfigError(
-            f"fewstep.teacher_workdir={f.teacher_workdir!r} is not a training workdir (no config.json); "
-            f"train a teacher with python -m research.train, or point the key at one"
-        ) from None
-    check_teacher_config(config, tconfig)
-    _, params, step = load_params(
-        f.teacher_workdir, None if f.teacher_step < 0 else f.teacher_step, use_ema=f.teacher_use_ema
-    )
-    return params, step
-
-
-def check_teacher_config(config, tconfig) -> None:
-    """The student reuses the teacher's network and schedule: refuse a teacher they do not match."""
-    diffs = []
-    for key, value in config.model.to_dict().items():
-        if tconfig.model.to_dict().get(key) != value:
-            diffs.append(f"model.{key}: teacher {tconfig.model.to_dict().get(key)!r} vs config {value!r}")
-    for key in ("schedule", "timesteps", "beta_start", "beta_end", "prediction", "var_type"):
-        if tconfig.diffusion[key] != config.diffusion[key]:
-            diffs.append(f"diffusion.{key}: teacher {tconfig.diffusion[key]!r} vs config {config.diffusion[key]!r}")
-    for key in ("image_size", "channels", "centered"):
-        if tconfig.data[key] != config.data[key]:
-            diffs.append(f"data.{key}: teacher {tconfig.data[key]!r} vs config {config.data[key]!r}")
-    if diffs:
-        raise ConfigError(
-            f"the teacher in {config.fewstep.teacher_workdir} does not match this config "
-            f"({'; '.join(diffs[:5])}); copy those values from its config.json"
-        )
 
 
 # ------------------------------------------------------------------------------------------- denoisers
