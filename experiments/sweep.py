@@ -1,0 +1,506 @@
+"""Sweep runner: train one run per cell of a grid of config values (x seeds), evaluate each, tabulate mean +- std.
+
+    python -m experiments.sweep --config FILE[:VARIANT] --grid KEY=V1,V2 [--grid KEY=...] [--set KEY=VALUE ...]
+        [--seeds 0,1,2] [--eval fid_domain,bpd,loss] --out DIR [--dry-run]
+
+    # the Improved DDPM ablation: schedule x objective, bits/dim at respaced step counts, 3 seeds
+    python -m experiments.sweep --config configs/iddpm_mnist.py \\
+        --grid variant=linear-simple,linear-hybrid,cosine-simple,cosine-hybrid \\
+        --grid eval.steps=25,50,100 --seeds 0,1,2 --eval bpd --out runs/sweep_iddpm
+
+    # DDIM's eta at few steps on the digits quickstart model
+    python -m experiments.sweep --config configs/quickstart.py --grid eval.steps=10,20,50 --grid eval.eta=0,1 \\
+        --set eval.sampler=ddim --seeds 0,1,2 --eval fid_domain --out runs/sweep_eta
+
+Keys:
+  - a config key (`diffusion.schedule`, `optim.lr`, ...): a training cell per value, typed like `--config.KEY=`;
+  - `variant`: the config file's variant (`FILE:VARIANT`);
+  - `eval.KEY`: an evaluation option, so the values share one trained model per training cell:
+    `eval.sampler`, `eval.steps`, `eval.eta`, `eval.guidance` (as `research.sample`), `eval.num` (samples for
+    FID, default 1000), `eval.bpd_num` (test images for bits/dim, default 200), `eval.batch` (500).
+  Values are split on ',' or, when the text has a ';', on ';' (`--grid 'model.ch_mult=1,2;1,2,2'`).
+
+Evaluations (--eval): `fid_domain` (domain-classifier FID of eval.num samples against the training split, plus
+the classifier score and, for class-conditional runs, the classifier's accuracy on the requested classes), `bpd`
+(the variational bound on eval.bpd_num test images, respaced to eval.steps when given), `loss` (the mean training
+loss over the last 10% of logged steps).
+
+Layout of DIR: sweep.json (what the sweep is; a rerun with another --config or --set is refused), runs/CELL/
+(one training workdir per training cell and seed; CELL is `key=value+...+seed=S`), runs/CELL/sweep/*.json (each
+evaluation, keyed by its options and checkpoint step), table.md and table.csv (one row per grid cell, each
+metric's mean, std over seeds and count), timings.csv (wall seconds per training and evaluation), and
+plot_METRIC.png per metric (the metric against the last grid key, a line per combination of the others, error bars
+one std). Everything is resumable: a finished training or evaluation is read back, an interrupted training resumes
+from its newest checkpoint (the trainer's exact resume), so a killed sweep rerun with the same command ends with
+the same table. --dry-run lists the cells and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+EVAL_DEFAULTS = {
+    "sampler": None,
+    "steps": None,
+    "eta": None,
+    "guidance": None,
+    "num": 1000,
+    "bpd_num": 200,
+    "batch": 500,
+}
+EVAL_TYPES = {"sampler": str, "steps": str, "eta": float, "guidance": float, "num": int, "bpd_num": int, "batch": int}
+
+
+class SweepError(ValueError):
+    """A sweep the runner cannot do, named before anything is trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training run (config overrides + seed) and one set of evaluation options."""
+
+    grid: Tuple[Tuple[str, str], ...]  # the grid's (key, value) pairs, in --grid order (eval keys included)
+    seed: int
+    variant: Optional[str]
+    overrides: Tuple[Tuple[str, str], ...]  # config overrides of this training run (--set, then grid)
+    eval_options: Tuple[Tuple[str, object], ...]
+
+    @property
+    def train_name(self) -> str:
+        parts = [f"variant={self.variant}"] if self.variant is not None else []
+        parts += [f"{k}={v}" for k, v in self.grid if not k.startswith("eval.") and k != "variant"]
+        parts.append(f"seed={self.seed}")
+        return _safe("+".join(parts))
+
+    @property
+    def label(self) -> Tuple[str, ...]:
+        return tuple(v for _, v in self.grid)
+
+
+def _safe(name: str) -> str:
+    name = "".join(c if c.isalnum() or c in "=+.,-_" else "_" for c in name)
+    if len(name) > 150:  # keep directory names short; the hash keeps them distinct
+        name = name[:120] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name
+
+
+def split_values(text: str) -> List[str]:
+    values = [v.strip() for v in text.split(";" if ";" in text else ",")]
+    if not values or any(v == "" for v in values):
+        raise SweepError(f"empty value in {text!r}")
+    return values
+
+
+def parse_assignment(text: str, flag: str) -> Tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SweepError(f"{flag} {text!r}: write KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+def _eval_value(key: str, text: str):
+    name = key[len("eval.") :]
+    if name not in EVAL_TYPES:
+        raise SweepError(f"unknown evaluation option {key!r}: use one of {['eval.' + k for k in EVAL_TYPES]}")
+    try:
+        return EVAL_TYPES[name](text)
+    except ValueError:
+        raise SweepError(f"{key}={text!r}: expected {EVAL_TYPES[name].__name__}") from None
+
+
+def plan_cells(config_arg: str, grids: Sequence[str], sets: Sequence[str], seeds: Sequence[int]) -> List[Cell]:
+    """Every cell of the sweep, each training config checked (unknown keys, bad values) before anything runs."""
+    from research.tasks import get_config
+
+    path, _, file_variant = config_arg.partition(":")
+    grid_axes = []
+    for text in grids:
+        key, values = parse_assignment(text, "--grid")
+        if key in [k for k, _ in grid_axes]:
+            raise SweepError(f"--grid {key} given twice")
+        if key == "seed":
+            raise SweepError("seeds are a sweep axis of their own: use --seeds 0,1,2")
+        if key == "variant" and file_variant:
+            raise SweepError(f"--config {config_arg} names a variant and --grid sweeps variants: use one")
+        values = split_values(values)
+        if key.startswith("eval."):
+            for v in values:
+                _eval_value(key, v)
+        grid_axes.append((key, values))
+    base_overrides, base_eval = [], dict(EVAL_DEFAULTS)
+    for text in sets:
+        key, value = parse_assignment(text, "--set")
+        if key.startswith("eval."):
+            base_eval[key[5:]] = _eval_value(key, value)
+        else:
+            base_overrides.append((key, value))
+    if not seeds:
+        raise SweepError("--seeds is empty")
+    cells, checked = [], {}
+    for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in grid_axes]):
+        variant = file_variant or None
+        overrides, options = list(base_overrides), dict(base_eval)
+        for k, v in combo:
+            if k == "variant":
+                variant = v
+            elif k.startswith("eval."):
+                options[k[5:]] = _eval_value(k, v)
+            else:
+                overrides.append((k, v))
+        for seed in seeds:
+            cell = Cell(tuple(combo), int(seed), variant, tuple(overrides), tuple(sorted(options.items())))
+            if cell.train_name not in checked:
+                checked[cell.train_name] = True
+                try:
+                    get_config(_config_path(path, variant), cell_overrides(cell))
+                except Exception as e:  # ConfigError, a missing file, a bad variant: name the cell
+                    raise SweepError(f"cell {cell.train_name}: {e}") from None
+            cells.append(cell)
+    return cells
+
+
+def _config_path(path: str, variant: Optional[str]) -> str:
+    return f"{path}:{variant}" if variant else path
+
+
+def cell_overrides(cell: Cell) -> List[Tuple[str, str]]:
+    return list(cell.overrides) + [("seed", str(cell.seed)), ("train.progress", "false")]
+
+
+# ---------------------------------------------------------------------------------------------------- evaluations
+
+
+def _write_json(path: str, value) -> None:
+    """Atomic: a sweep killed while writing leaves the old file or none, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _sample_options(options: dict):
+    from research.tasks import SampleOptions
+
+    return SampleOptions(
+        sampler=options["sampler"],
+        steps=options["steps"],
+        eta=options["eta"],
+        guidance=options["guidance"],
+        batch_size=options["batch"],
+    )
+
+
+def eval_fid_domain(workdir: str, options: dict, seed: int) -> dict:
+    from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
+    from research.run import read_config
+    from research.tasks import task_of
+
+    config = read_config(workdir)
+    run = task_of(config).sampler(workdir, config, _sample_options(options))
+    result = run(int(options["num"]), seed=seed)
+    labels = result.labels if result.labels is not None and result.labels.min() >= 0 else None
+    space = feature_space("domain", config.data.name)
+    metrics = evaluate_images(
+        result.images,
+        space,
+        DatasetSpec(config.data.name, "train"),
+        labels=labels,
+        kid=False,
+        precision_recall=False,
+        progress=False,
+    )
+    out = {"fid_domain": metrics["fid"], "classifier_score": metrics["classifier_score"]}
+    if "classifier_accuracy" in metrics:
+        out["classifier_accuracy"] = metrics["classifier_accuracy"]
+    return out
+
+
+def eval_bpd(workdir: str, options: dict, seed: int) -> dict:
+    from research.data import make_eval_arrays
+    from research.evaluate import check_bpd_request, evaluate_bpd
+    from research.loader import load_run
+    from research.run import read_config
+
+    config = read_config(workdir)
+    check_bpd_request(config, workdir, steps=options["steps"], num=int(options["bpd_num"]))
+    config, model, params, _ = load_run(workdir)
+    images, labels = make_eval_arrays(config.data, "test", num=int(options["bpd_num"]))
+    result = evaluate_bpd(
+        model, params, config, images, steps=options["steps"], batch_size=100, seed=seed, labels=labels, progress=False
+    )
+    return {"bpd": result["bpd"]}
+
+
+def eval_loss(workdir: str, options: dict, seed: int) -> dict:
+    by_step = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row and "step" in row:
+                by_step[int(row["step"])] = float(row["loss"])  # a resumed run logs steps again: keep the last
+    if not by_step:
+        raise SweepError(f"{workdir}/metrics.jsonl has no logged loss")
+    steps = sorted(by_step)
+    tail = steps[-max(1, len(steps) // 10) :]
+    return {"loss": sum(by_step[s] for s in tail) / len(tail)}
+
+
+# name -> (function, the options its result depends on)
+EVALUATORS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
+    "fid_domain": (eval_fid_domain, ("sampler", "steps", "eta", "guidance", "num")),
+    "bpd": (eval_bpd, ("steps", "bpd_num")),
+    "loss": (eval_loss, ()),
+}
+
+
+def _eval_key(name: str, options: dict, step: int, seed: int) -> str:
+    used = {k: options[k] for k in EVALUATORS[name][1]}
+    text = json.dumps(used, sort_keys=True)
+    readable = "_".join(f"{k}{v}" for k, v in used.items() if v is not None)
+    return _safe(f"{name}_step{step}_seed{seed}_{readable}_{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+
+
+# ----------------------------------------------------------------------------------------------------- the sweep
+
+
+def _check_spec(out: str, spec: dict) -> None:
+    path = os.path.join(out, "sweep.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in ("config", "set")} != {k: spec[k] for k in ("config", "set")}:
+            raise SweepError(
+                f"{out} holds a sweep of --config {old.get('config')} --set {old.get('set')}; this one is "
+                f"--config {spec['config']} --set {spec['set']}. Use another --out (grids and seeds may grow in place)."
+            )
+    os.makedirs(out, exist_ok=True)
+    _write_json(path, spec)
+
+
+def run_sweep(
+    config_arg: str,
+    grids: Sequence[str],
+    sets: Sequence[str],
+    seeds: Sequence[int],
+    evals: Sequence[str],
+    out: str,
+    *,
+    announce: Callable[[str], None] = print,
+) -> List[dict]:
+    """Train and evaluate every cell (reading back what is done) -> one result row per cell; writes the tables."""
+    from research.run import checkpoint_steps
+    from research.train.loop import train
+
+    unknown = [e for e in evals if e not in EVALUATORS]
+    if unknown or not evals:
+        raise SweepError(f"--eval {','.join(evals)}: choose from {list(EVALUATORS)}")
+    cells = plan_cells(config_arg, grids, sets, seeds)
+    path = config_arg.partition(":")[0]
+    spec = {"config": config_arg, "grid": list(grids), "set": list(sets), "seeds": list(seeds), "eval": list(evals)}
+    _check_spec(out, spec)
+    timings, rows = [], []
+    trained = {}
+    for i, cell in enumerate(cells):
+        workdir = os.path.join(out, "runs", cell.train_name)
+        done = os.path.join(workdir, "sweep_trained.json")
+        if cell.train_name not in trained:
+            if os.path.exists(done):
+                with open(done) as f:
+                    info = json.load(f)
+            else:
+                from research.tasks import get_config
+
+                announce(f"[{i + 1}/{len(cells)}] training {cell.train_name}")
+                t0 = time.time()
+                train(get_config(_config_path(path, cell.variant), cell_overrides(cell)), workdir)
+                info = {"seconds": round(time.time() - t0, 1), "step": max(checkpoint_steps(workdir))}
+                _write_json(done, info)
+            trained[cell.train_name] = info
+            timings.append({"what": "train", "cell": cell.train_name, "seconds": info["seconds"]})
+        step = trained[cell.train_name]["step"]
+        options = dict(cell.eval_options)
+        row = {"cell": cell, "metrics": {}}
+        os.makedirs(os.path.join(workdir, "sweep"), exist_ok=True)
+        for name in evals:
+            cache = os.path.join(workdir, "sweep", _eval_key(name, options, step, cell.seed) + ".json")
+            if os.path.exists(cache):
+                with open(cache) as f:
+                    value = json.load(f)
+            else:
+                announce(f"[{i + 1}/{len(cells)}] {name} of {cell.train_name} {_options_text(cell)}")
+                t0 = time.time()
+                value = {"metrics": EVALUATORS[name][0](workdir, options, cell.seed)}
+                value["seconds"] = round(time.time() - t0, 1)
+                _write_json(cache, value)
+            row["metrics"].update(value["metrics"])
+            timings.append(
+                {"what": name, "cell": cell.train_name + " " + _options_text(cell), "seconds": value["seconds"]}
+            )
+        rows.append(row)
+    write_tables(rows, [k for k, _ in _axes(grids)], out, spec)
+    with open(os.path.join(out, "timings.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["what", "cell", "seconds"])
+        w.writeheader()
+        w.writerows(timings)
+    return rows
+
+
+def _axes(grids):
+    return [parse_assignment(g, "--grid") for g in grids]
+
+
+def _options_text(cell: Cell) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.grid if k.startswith("eval.")) or ""
+
+
+def summarize(rows: List[dict]) -> Tuple[List[Tuple[str, ...]], List[str], Dict[Tuple[str, ...], Dict[str, list]]]:
+    """Group rows by grid cell (over seeds) -> (labels in order, metric names, label -> metric -> values)."""
+    labels, metrics, groups = [], [], {}
+    for row in rows:
+        label = row["cell"].label
+        if label not in groups:
+            labels.append(label)
+            groups[label] = {}
+        for k, v in row["metrics"].items():
+            if k not in metrics:
+                metrics.append(k)
+            groups[label].setdefault(k, []).append(float(v))
+    return labels, metrics, groups
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and the sample standard deviation (n - 1; 0 for a single seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def write_tables(rows: List[dict], keys: List[str], out: str, spec: dict) -> str:
+    labels, metrics, groups = summarize(rows)
+    header = keys + [f"{m} {s}" for m in metrics for s in ("mean", "std")] + ["seeds"]
+    csv_rows, md = [], []
+    for label in labels:
+        stats = {m: mean_std(groups[label][m]) for m in metrics if m in groups[label]}
+        n = max(len(v) for v in groups[label].values())
+        csv_rows.append(
+            list(label) + [f"{stats[m][i]:.6g}" if m in stats else "" for m in metrics for i in (0, 1)] + [str(n)]
+        )
+        cells = [f"{stats[m][0]:.4g} ± {stats[m][1]:.2g}" if m in stats else "-" for m in metrics]
+        md.append("| " + " | ".join(list(label) + cells + [str(n)]) + " |")
+    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(csv_rows)
+    command = "python -m experiments.sweep --config " + spec["config"]
+    command += "".join(f" --grid '{g}'" for g in spec["grid"]) + "".join(f" --set '{s}'" for s in spec["set"])
+    command += f" --seeds {','.join(map(str, spec['seeds']))} --eval {','.join(spec['eval'])} --out {out}"
+    text = "\n".join(
+        [
+            f"# Sweep of {spec['config']}",
+            "",
+            f"`{command}`",
+            "",
+            "Mean ± sample std over seeds.",
+            "",
+            "| " + " | ".join(keys + metrics + ["seeds"]) + " |",
+            "|" + "---|" * len(keys) + "---:|" * (len(metrics) + 1),
+            *md,
+        ]
+    )
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    _plots(labels, metrics, groups, keys, out)
+    return text
+
+
+def _plots(labels, metrics, groups, keys, out) -> None:
+    if not keys:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_values = list(dict.fromkeys(label[-1] for label in labels))
+    try:
+        xs = [float(v) for v in x_values]
+        numeric = True
+    except ValueError:
+        xs, numeric = list(range(len(x_values))), False
+    for m in metrics:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        lines = list(dict.fromkeys(label[:-1] for label in labels))
+        for line in lines:
+            pts = [
+                (xs[x_values.index(lab[-1])], *mean_std(groups[lab][m]))
+                for lab in labels
+                if lab[:-1] == line and m in groups[lab]
+            ]
+            if not pts:
+                continue
+            name = ", ".join(f"{k}={v}" for k, v in zip(keys[:-1], line)) or m
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=name
+            )
+        ax.set_xlabel(keys[-1])
+        ax.set_ylabel(m)
+        if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(xs, x_values)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"plot_{_safe(m)}.png"), dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="FILE or FILE:VARIANT")
+    p.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,... (repeat for more axes)")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE for every cell (repeatable)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--eval", default="fid_domain", help=f"comma list of {list(EVALUATORS)}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    args = p.parse_args(argv)
+    from research.config import ConfigError
+
+    try:
+        seeds = [int(s) for s in split_values(args.seeds)]
+    except (ValueError, SweepError):
+        print(f"error: --seeds {args.seeds!r}: give integers, e.g. 0,1,2", file=sys.stderr)
+        return 2
+    evals = [e for e in args.eval.split(",") if e]
+    try:
+        if args.dry_run:
+            cells = plan_cells(args.config, args.grid, args.set, seeds)
+            names = list(dict.fromkeys(c.train_name for c in cells))
+            print(f"{len(cells)} cells, {len(names)} training runs:")
+            for c in cells:
+                print(f"  {c.train_name}  {_options_text(c)}")
+            return 0
+        run_sweep(args.config, args.grid, args.set, seeds, evals, args.out)
+    except (SweepError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "table.md")) as f:
+        print(f.read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

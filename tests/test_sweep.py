@@ -1,0 +1,166 @@
+"""The sweep runner (experiments/sweep.py): its cells, its statistics, and a killed sweep resuming to the same table."""
+
+import csv
+import os
+import statistics
+
+import numpy as np
+import pytest
+
+from experiments import sweep
+
+CONFIG = """
+from tests.factories import make_tiny_config
+
+VARIANTS = ("small", "wide")
+
+
+def get_config(variant="small"):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    c = make_tiny_config()
+    c.model.ch = 16 if variant == "small" else 32
+    c.train.num_steps = 8
+    c.train.ckpt_every = 4
+    c.train.ema_decay = 0.0  # sample the trained weights (an EMA of 8 steps is the initialisation)
+    c.sample.steps = "5"
+    return c
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "tiny_sweep.py"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def test_cells_are_the_grid_product_and_eval_keys_share_training_runs(config_file):
+    cells = sweep.plan_cells(
+        config_file,
+        ["variant=small,wide", "optim.lr=1e-3,3e-3", "eval.steps=5,10"],
+        ["train.batch_size=8", "eval.num=32"],
+        [0, 1],
+    )
+    assert len(cells) == 2 * 2 * 2 * 2
+    names = {c.train_name for c in cells}
+    assert len(names) == 2 * 2 * 2  # eval.steps adds no training run
+    assert "variant=wide+optim.lr=3e-3+seed=1" in names
+    cell = cells[0]
+    assert cell.variant == "small"
+    assert ("train.batch_size", "8") in cell.overrides and ("optim.lr", "1e-3") in cell.overrides
+    options = dict(cell.eval_options)
+    assert options["steps"] == "5" and options["num"] == 32 and options["bpd_num"] == 200
+    assert ("seed", "0") in sweep.cell_overrides(cell)
+    # the same grid cell over seeds has the same label (the table's row)
+    assert {c.label for c in cells if c.seed == 0} == {c.label for c in cells if c.seed == 1}
+
+
+def test_values_with_commas_split_on_semicolons(config_file):
+    cells = sweep.plan_cells(config_file, ["model.ch_mult=1,2;1,2,2"], [], [0])
+    assert [dict(c.overrides)["model.ch_mult"] for c in cells] == ["1,2", "1,2,2"]
+
+
+@pytest.mark.parametrize(
+    "grids, sets, seeds, words",
+    [
+        (["optim.lrr=1e-3"], [], [0], "did you mean 'optim.lr'"),
+        (["optim.lr=fast"], [], [0], "optim.lr=fast"),  # names the cell
+        (["eval.temperature=1"], [], [0], "eval.steps"),
+        (["eval.num=many"], [], [0], "expected int"),
+        (["seed=0,1"], [], [0], "--seeds"),
+        (["optim.lr=1e-3", "optim.lr=2e-3"], [], [0], "twice"),
+        (["optim.lr=1e-3,"], [], [0], "empty value"),
+        (["optim.lr"], [], [0], "KEY=VALUE"),
+        (["variant=small,huge"], [], [0], "huge"),
+        ([], ["eval.eta"], [0], "KEY=VALUE"),
+        ([], [], [], "--seeds"),
+    ],
+)
+def test_bad_sweeps_fail_before_training(config_file, grids, sets, seeds, words):
+    with pytest.raises(sweep.SweepError, match=None) as e:
+        sweep.plan_cells(config_file, grids, sets, seeds)
+    assert words in str(e.value)
+
+
+def test_mean_and_sample_std_over_seeds():
+    values = [3.0, 4.5, 10.0]
+    mean, std = sweep.mean_std(values)
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert std == pytest.approx(statistics.stdev(values))
+    assert sweep.mean_std([2.0]) == (2.0, 0.0)
+
+
+def test_tables_group_seeds(tmp_path, config_file):
+    cells = sweep.plan_cells(config_file, ["optim.lr=1e-3,2e-3"], [], [0, 1, 2])
+    rows = [{"cell": c, "metrics": {"fid_domain": 10.0 * (i // 3) + c.seed}} for i, c in enumerate(cells)]
+    spec = {"config": config_file, "grid": ["optim.lr=1e-3,2e-3"], "set": [], "seeds": [0, 1, 2], "eval": ["x"]}
+    text = sweep.write_tables(rows, ["optim.lr"], str(tmp_path), spec)
+    assert "| 1e-3 | 1 ± 1 | 3 |" in text and "| 2e-3 | 11 ± 1 | 3 |" in text
+    csv_lines = (tmp_path / "table.csv").read_text().splitlines()
+    assert csv_lines[0] == "optim.lr,fid_domain mean,fid_domain std,seeds"
+    assert csv_lines[2] == "2e-3,11,1,3"
+    assert (tmp_path / "plot_fid_domain.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_to_the_same_table(tmp_path, config_file, monkeypatch):
+    """Sweep A runs through; sweep B is killed halfway through its second training run (after the checkpoint at step
+    4 of 8) and rerun with the same command: its table equals A's, and nothing finished is trained or evaluated
+    twice."""
+    import research.train.loop as loop
+
+    args = (config_file, ["optim.lr=1e-3,3e-3", "eval.steps=2,5"], ["eval.num=64"], [0], ["loss", "fid_domain"])
+    out_a, out_b = str(tmp_path / "a"), str(tmp_path / "b")
+    sweep.run_sweep(*args, out_a, announce=lambda s: None)
+
+    real_train, calls = loop.train, []
+
+    def killed_on_second_run(config, workdir, **kw):
+        calls.append(workdir)
+        if len(calls) == 2:
+            real_train(config, workdir, stop_at=4)
+            raise KeyboardInterrupt  # the kill
+        return real_train(config, workdir, **kw)
+
+    monkeypatch.setattr(loop, "train", killed_on_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(*args, out_b, announce=lambda s: None)
+    second = calls[1]
+    assert os.path.basename(second) == "optim.lr=3e-3+seed=0"
+    assert sorted(os.listdir(os.path.join(second, "checkpoints"))) == ["4"]
+    assert not os.path.exists(os.path.join(second, "sweep_trained.json"))
+
+    done_evals = {}
+    real_evals = dict(sweep.EVALUATORS)
+    for name, (fn, deps) in real_evals.items():
+
+        def counted(workdir, options, seed, fn=fn, name=name):
+            done_evals.setdefault(name, []).append((os.path.basename(workdir), options["steps"]))
+            return fn(workdir, options, seed)
+
+        monkeypatch.setitem(sweep.EVALUATORS, name, (counted, deps))
+    calls.clear()
+    monkeypatch.setattr(loop, "train", real_train)
+    sweep.run_sweep(*args, out_b, announce=lambda s: None)
+
+    # the first run's evaluations were cached; only the killed run is trained (resumed) and evaluated
+    assert {w for ev in done_evals.values() for w, _ in ev} == {"optim.lr=3e-3+seed=0"}
+    assert sorted(s for _, s in done_evals["fid_domain"]) == ["2", "5"]
+    assert (tmp_path / "a" / "table.csv").read_text() == (tmp_path / "b" / "table.csv").read_text()
+    md_a = (tmp_path / "a" / "table.md").read_text().replace(out_a, "OUT")
+    assert md_a == (tmp_path / "b" / "table.md").read_text().replace(out_b, "OUT")
+    # the metrics differ between the cells (the table is not constant)
+    with open(tmp_path / "a" / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and len({row["fid_domain mean"] for row in table}) == 4
+    assert len({row["loss mean"] for row in table}) == 2  # one loss per training run
+
+    # another base config into the same folder is refused; part of the grid is read back without any work
+    with pytest.raises(sweep.SweepError, match="another --out"):
+        sweep.run_sweep(config_file + ":wide", *args[1:], out_b, announce=lambda s: None)
+    done_evals.clear()
+    monkeypatch.setattr(loop, "train", None)  # would fail if called
+    rows = sweep.run_sweep(config_file, ["optim.lr=3e-3", "eval.steps=5"], *args[2:], out_b, announce=lambda s: None)
+    assert not done_evals and len(rows) == 1
+    assert f"{rows[0]['metrics']['fid_domain']:.6g}" == table[3]["fid_domain mean"]
