@@ -1,7 +1,7 @@
 """Sweep runner: train one run per cell of a grid of config values (x seeds), evaluate each, tabulate mean +- std.
 
     python -m experiments.sweep --config FILE[:VARIANT] --grid KEY=V1,V2 [--grid KEY=...] [--set KEY=VALUE ...]
-        [--seeds 0,1,2] [--eval fid_domain,bpd,loss] --out DIR [--dry-run]
+        [--seeds 0,1,2] [--eval fid_domain,bpd,loss] [--curve] --out DIR [--dry-run]
 
     # the Improved DDPM ablation: schedule x objective, bits/dim at respaced step counts, 3 seeds
     python -m experiments.sweep --config configs/iddpm_mnist.py \\
@@ -30,7 +30,9 @@ Layout of DIR: sweep.json (what the sweep is; a rerun with another --config or -
 evaluation, keyed by its options and checkpoint step), table.md and table.csv (one row per grid cell, each
 metric's mean, std over seeds and count), timings.csv (wall seconds per training and evaluation), and
 plot_METRIC.png per metric (the metric against the last grid key, a line per combination of the others, error bars
-one std). Everything is resumable: a finished training or evaluation is read back, an interrupted training resumes
+one std). --curve also evaluates every checkpoint the runs kept (`train.ckpt_every` sets the spacing): curves.csv
+and plot_curve_METRIC.png, the evidence that a run has converged (the metric flat, not only the loss). Everything
+is resumable: a finished training or evaluation is read back, an interrupted training resumes
 from its newest checkpoint (the trainer's exact resume), so a killed sweep rerun with the same command ends with
 the same table. --dry-run lists the cells and exits.
 """
@@ -174,7 +176,7 @@ def _config_path(path: str, variant: Optional[str]) -> str:
 
 
 def cell_overrides(cell: Cell) -> List[Tuple[str, str]]:
-    return list(cell.overrides) + [("seed", str(cell.seed)), ("train.progress", "false")]
+    return list(cell.overrides) + [("seed", str(cell.seed))]
 
 
 # ---------------------------------------------------------------------------------------------------- evaluations
@@ -188,10 +190,11 @@ def _write_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-def _sample_options(options: dict):
+def _sample_options(options: dict, step: int):
     from research.tasks import SampleOptions
 
     return SampleOptions(
+        step=step,
         sampler=options["sampler"],
         steps=options["steps"],
         eta=options["eta"],
@@ -200,13 +203,13 @@ def _sample_options(options: dict):
     )
 
 
-def eval_fid_domain(workdir: str, options: dict, seed: int) -> dict:
+def eval_fid_domain(workdir: str, options: dict, seed: int, step: int) -> dict:
     from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
     from research.run import read_config
     from research.tasks import task_of
 
     config = read_config(workdir)
-    run = task_of(config).sampler(workdir, config, _sample_options(options))
+    run = task_of(config).sampler(workdir, config, _sample_options(options, step))
     result = run(int(options["num"]), seed=seed)
     labels = result.labels if result.labels is not None and result.labels.min() >= 0 else None
     space = feature_space("domain", config.data.name)
@@ -225,7 +228,7 @@ def eval_fid_domain(workdir: str, options: dict, seed: int) -> dict:
     return out
 
 
-def eval_bpd(workdir: str, options: dict, seed: int) -> dict:
+def eval_bpd(workdir: str, options: dict, seed: int, step: int) -> dict:
     from research.data import make_eval_arrays
     from research.evaluate import check_bpd_request, evaluate_bpd
     from research.loader import load_run
@@ -233,7 +236,7 @@ def eval_bpd(workdir: str, options: dict, seed: int) -> dict:
 
     config = read_config(workdir)
     check_bpd_request(config, workdir, steps=options["steps"], num=int(options["bpd_num"]))
-    config, model, params, _ = load_run(workdir)
+    config, model, params, _ = load_run(workdir, step)
     images, labels = make_eval_arrays(config.data, "test", num=int(options["bpd_num"]))
     result = evaluate_bpd(
         model, params, config, images, steps=options["steps"], batch_size=100, seed=seed, labels=labels, progress=False
@@ -241,7 +244,7 @@ def eval_bpd(workdir: str, options: dict, seed: int) -> dict:
     return {"bpd": result["bpd"]}
 
 
-def eval_loss(workdir: str, options: dict, seed: int) -> dict:
+def eval_loss(workdir: str, options: dict, seed: int, step: int) -> dict:
     by_step = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
@@ -250,7 +253,9 @@ def eval_loss(workdir: str, options: dict, seed: int) -> dict:
                 by_step[int(row["step"])] = float(row["loss"])  # a resumed run logs steps again: keep the last
     if not by_step:
         raise SweepError(f"{workdir}/metrics.jsonl has no logged loss")
-    steps = sorted(by_step)
+    steps = [s for s in sorted(by_step) if s <= step]
+    if not steps:
+        raise SweepError(f"{workdir}/metrics.jsonl has no logged loss up to step {step}")
     tail = steps[-max(1, len(steps) // 10) :]
     return {"loss": sum(by_step[s] for s in tail) / len(tail)}
 
@@ -295,9 +300,11 @@ def run_sweep(
     evals: Sequence[str],
     out: str,
     *,
+    curve: bool = False,
     announce: Callable[[str], None] = print,
 ) -> List[dict]:
-    """Train and evaluate every cell (reading back what is done) -> one result row per cell; writes the tables."""
+    """Train and evaluate every cell (reading back what is done) -> one result row per cell; writes the tables.
+    curve: also evaluate every kept checkpoint of every run (learning curves, OUT/curves.csv and plots)."""
     from research.run import checkpoint_steps
     from research.train.loop import train
 
@@ -308,8 +315,28 @@ def run_sweep(
     path = config_arg.partition(":")[0]
     spec = {"config": config_arg, "grid": list(grids), "set": list(sets), "seeds": list(seeds), "eval": list(evals)}
     _check_spec(out, spec)
-    timings, rows = [], []
+    timings, rows, curve_rows = [], [], []
     trained = {}
+
+    def _evaluate(workdir, cell, evals, step, where):
+        options, metrics = dict(cell.eval_options), {}
+        os.makedirs(os.path.join(workdir, "sweep"), exist_ok=True)
+        for name in evals:
+            cache = os.path.join(workdir, "sweep", _eval_key(name, options, step, cell.seed) + ".json")
+            if os.path.exists(cache):
+                with open(cache) as f:
+                    value = json.load(f)
+            else:
+                announce(f"{where} {name} of {cell.train_name} {_options_text(cell)}")
+                t0 = time.time()
+                value = {"metrics": EVALUATORS[name][0](workdir, options, cell.seed, step)}
+                value["seconds"] = round(time.time() - t0, 1)
+                _write_json(cache, value)
+            metrics.update(value["metrics"])
+            what = cell.train_name + " " + _options_text(cell) + f" step {step}"
+            timings.append({"what": name, "cell": what, "seconds": value["seconds"]})
+        return metrics
+
     for i, cell in enumerate(cells):
         workdir = os.path.join(out, "runs", cell.train_name)
         done = os.path.join(workdir, "sweep_trained.json")
@@ -328,26 +355,14 @@ def run_sweep(
             trained[cell.train_name] = info
             timings.append({"what": "train", "cell": cell.train_name, "seconds": info["seconds"]})
         step = trained[cell.train_name]["step"]
-        options = dict(cell.eval_options)
-        row = {"cell": cell, "metrics": {}}
-        os.makedirs(os.path.join(workdir, "sweep"), exist_ok=True)
-        for name in evals:
-            cache = os.path.join(workdir, "sweep", _eval_key(name, options, step, cell.seed) + ".json")
-            if os.path.exists(cache):
-                with open(cache) as f:
-                    value = json.load(f)
-            else:
-                announce(f"[{i + 1}/{len(cells)}] {name} of {cell.train_name} {_options_text(cell)}")
-                t0 = time.time()
-                value = {"metrics": EVALUATORS[name][0](workdir, options, cell.seed)}
-                value["seconds"] = round(time.time() - t0, 1)
-                _write_json(cache, value)
-            row["metrics"].update(value["metrics"])
-            timings.append(
-                {"what": name, "cell": cell.train_name + " " + _options_text(cell), "seconds": value["seconds"]}
-            )
-        rows.append(row)
+        rows.append({"cell": cell, "metrics": _evaluate(workdir, cell, evals, step, f"[{i + 1}/{len(cells)}]")})
+        if curve:
+            for ckpt in checkpoint_steps(workdir):
+                metrics = _evaluate(workdir, cell, evals, ckpt, f"[{i + 1}/{len(cells)}] curve, step {ckpt}:")
+                curve_rows.append({"cell": cell, "step": int(ckpt), "metrics": metrics})
     write_tables(rows, [k for k, _ in _axes(grids)], out, spec)
+    if curve:
+        write_curves(curve_rows, [k for k, _ in _axes(grids)], out)
     with open(os.path.join(out, "timings.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["what", "cell", "seconds"])
         w.writeheader()
@@ -424,6 +439,44 @@ def write_tables(rows: List[dict], keys: List[str], out: str, spec: dict) -> str
     return text
 
 
+def write_curves(curve_rows: List[dict], keys: List[str], out: str) -> None:
+    """OUT/curves.csv (mean and std over seeds per grid cell and checkpoint step) and plot_curve_METRIC.png."""
+    by_step: Dict[Tuple[Tuple[str, ...], int], Dict[str, list]] = {}
+    metrics: List[str] = []
+    for row in curve_rows:
+        group = by_step.setdefault((row["cell"].label, row["step"]), {})
+        for k, v in row["metrics"].items():
+            metrics += [k] if k not in metrics else []
+            group.setdefault(k, []).append(float(v))
+    with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + ["step"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")] + ["seeds"])
+        for (label, step), group in by_step.items():
+            stats = [mean_std(group[m]) if m in group else None for m in metrics]
+            values = [f"{st[i]:.6g}" if st else "" for st in stats for i in (0, 1)]
+            w.writerow(list(label) + [step] + values + [max(len(v) for v in group.values())])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(label for label, _ in by_step))
+    for m in metrics:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for label in labels:
+            pts = sorted((step, *mean_std(g[m])) for (lab, step), g in by_step.items() if lab == label and m in g)
+            name = ", ".join(f"{k}={v}" for k, v in zip(keys, label)) or m
+            ax.errorbar(*zip(*[(p[0], p[1]) for p in pts]), yerr=[p[2] for p in pts], marker="o", capsize=3, label=name)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+        if len(labels) > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"plot_curve_{_safe(m)}.png"), dpi=120)
+        plt.close(fig)
+
+
 def _plots(labels, metrics, groups, keys, out) -> None:
     if not keys:
         return
@@ -475,6 +528,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--eval", default="fid_domain", help=f"comma list of {list(EVALUATORS)}")
     p.add_argument("--out", required=True)
+    p.add_argument("--curve", action="store_true", help="also evaluate every kept checkpoint (learning curves)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     args = p.parse_args(argv)
     from research.config import ConfigError
@@ -493,7 +547,7 @@ def main(argv=None) -> int:
             for c in cells:
                 print(f"  {c.train_name}  {_options_text(c)}")
             return 0
-        run_sweep(args.config, args.grid, args.set, seeds, evals, args.out)
+        run_sweep(args.config, args.grid, args.set, seeds, evals, args.out, curve=args.curve)
     except (SweepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

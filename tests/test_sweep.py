@@ -1,6 +1,7 @@
 """The sweep runner (experiments/sweep.py): its cells, its statistics, and a killed sweep resuming to the same table."""
 
 import csv
+import json
 import os
 import statistics
 
@@ -135,9 +136,9 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, config_file, monkeypat
     real_evals = dict(sweep.EVALUATORS)
     for name, (fn, deps) in real_evals.items():
 
-        def counted(workdir, options, seed, fn=fn, name=name):
+        def counted(workdir, options, seed, step, fn=fn, name=name):
             done_evals.setdefault(name, []).append((os.path.basename(workdir), options["steps"]))
-            return fn(workdir, options, seed)
+            return fn(workdir, options, seed, step)
 
         monkeypatch.setitem(sweep.EVALUATORS, name, (counted, deps))
     calls.clear()
@@ -164,3 +165,16 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, config_file, monkeypat
     rows = sweep.run_sweep(config_file, ["optim.lr=3e-3", "eval.steps=5"], *args[2:], out_b, announce=lambda s: None)
     assert not done_evals and len(rows) == 1
     assert f"{rows[0]['metrics']['fid_domain']:.6g}" == table[3]["fid_domain mean"]
+
+    # learning curves: every kept checkpoint; the loss at step 4 is the one logged at step 4 (the last 10% of 4 steps)
+    sweep.run_sweep(
+        config_file, ["optim.lr=3e-3"], ["eval.num=64"], [0], ["loss"], out_b, curve=True, announce=lambda s: None
+    )
+    with open(tmp_path / "b" / "curves.csv") as f:
+        curve = {int(r["step"]): float(r["loss mean"]) for r in csv.DictReader(f)}
+    with open(os.path.join(second, "metrics.jsonl")) as f:
+        logged = {r["step"]: r["loss"] for r in map(json.loads, f)}
+    assert sorted(curve) == [4, 8]
+    assert curve[4] == pytest.approx(logged[4], rel=1e-5)
+    assert curve[8] == pytest.approx(float(table[3]["loss mean"]), rel=1e-5)
+    assert (tmp_path / "b" / "plot_curve_loss.png").exists()
