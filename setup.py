@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.8,<4",
         "tqdm>=4.66,<5",
         "absl-py>=2.0",
+        "tensorboardX>=2.6,<3",  # TensorBoard event files of every run
     ],
     extras_require={
         # References the tests compare against. torch is pinned to the version whose CPU wheel the

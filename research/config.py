@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
             # (research/train/mesh.py); (('.*', 'fsdp'),) is FSDP; () keeps the default
             fsdp_min_size=2**18,  # leaves with fewer elements stay replicated under 'fsdp'
             progress=True,
+            tensorboard=True,  # also write the logged scalars and preview grids to WORKDIR/tensorboard (tensorboardX)
         )
     )
 

@@ -123,3 +123,48 @@ def test_hybrid_step_reports_both_terms(tiny_config):
     # L_hybrid = L_simple + 0.001 * T * L_t, with L_t logged per step in bits/dim.
     np.testing.assert_allclose(m["loss"], m["loss_simple"] + 0.001 * 100 * m["vlb_bpd_per_step"], rtol=1e-5)
     assert m["vlb_bpd_per_step"] > 0
+
+
+def _events(directory):
+    """Every event in a folder of TensorBoard event files, read as TFRecords (length, crc, payload, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
+def test_tensorboard_events_hold_the_logged_scalars_and_sample_grids(tiny_config, tmp_path):
+    """Every logged scalar of metrics.jsonl is in the event files at its step; each preview grid is an image of the
+    PNG's size."""
+    from PIL import Image
+
+    workdir = str(tmp_path / "run")
+    config = apply_overrides(tiny_config, [("train.sample_every", "3")])
+    train(config, workdir)
+    scalars, images = {}, {}
+    for e in _events(os.path.join(workdir, "tensorboard")):
+        for v in e.summary.value:
+            if v.HasField("image"):
+                images[e.step] = (v.image.height, v.image.width)
+            elif v.HasField("simple_value") or v.HasField("tensor"):
+                value = v.simple_value if v.HasField("simple_value") else v.tensor.float_val[0]
+                scalars[(v.tag, e.step)] = value
+    steps, losses = _losses(workdir)
+    assert steps == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([scalars[("train/loss", s)] for s in steps], losses, rtol=1e-6)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        keys = {k for row in map(json.loads, f) for k in row if k != "step"}
+    assert {t[len("train/") :] for t, _ in scalars} == keys
+    for step in (3, 6):
+        with Image.open(os.path.join(workdir, "samples", f"step_{step:07d}.png")) as im:
+            assert images[step] == (im.height, im.width)

@@ -92,6 +92,20 @@ def initialize_from(state, trainer, workdir: str, step: Optional[int] = None):
     return state.replace(params=params, ema_params=emas if state.ema_params is not None else None)
 
 
+def _event_writer(workdir: str):
+    """TensorBoard event files beside metrics.jsonl (`tensorboard --logdir runs/` shows every run side by side)."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+
+
+def _read_png(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     """Train until config.train.num_steps (or stop_at, for tests), resuming from workdir if it has a checkpoint.
 
@@ -175,6 +189,7 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
     last_metrics = {}
     t_last, step_last = time.time(), start
     is_main = jax.process_index() == 0
+    board = _event_writer(workdir) if tc.tensorboard and is_main else None
 
     def flush(step_now):
         """Fetch pending metrics, stop on a non-finite loss, append to the log."""
@@ -203,6 +218,11 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
             with open(metrics_path, "a") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
+        if board is not None:
+            for row in rows:
+                for k, v in row.items():
+                    if k != "step":
+                        board.add_scalar(f"train/{k}", v, row["step"])
         return rate
 
     bar = tqdm(total=end, initial=start, desc="train", disable=not (tc.progress and is_main), dynamic_ncols=True)
@@ -229,9 +249,14 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
             if tc.sample_every and (done % tc.sample_every == 0 or done == end) and is_main:
                 if preview is None:
                     preview = task.preview(config, trainer) or (lambda state, path: None)
-                preview(state, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
+                grid = os.path.join(workdir, "samples", f"step_{done:07d}.png")
+                preview(state, grid)
+                if board is not None and os.path.exists(grid):
+                    board.add_image("samples", _read_png(grid), done, dataformats="HWC")
     finally:
         bar.close()
+        if board is not None:
+            board.close()
         ckpt.wait()
         ckpt.close()
     final_step = int(jax.device_get(state.step))
