@@ -25,16 +25,18 @@ the classifier score and, for class-conditional runs, the classifier's accuracy 
 (the variational bound on eval.bpd_num test images, respaced to eval.steps when given), `loss` (the mean training
 loss over the last 10% of logged steps).
 
-Layout of DIR: sweep.json (what the sweep is; a rerun with another --config or --set is refused), runs/CELL/
-(one training workdir per training cell and seed; CELL is `key=value+...+seed=S`), runs/CELL/sweep/*.json (each
-evaluation, keyed by its options and checkpoint step), table.md and table.csv (one row per grid cell, each
-metric's mean, std over seeds and count), timings.csv (wall seconds per training and evaluation), and
-plot_METRIC.png per metric (the metric against the last grid key, a line per combination of the others, error bars
-one std). --curve also evaluates every checkpoint the runs kept (`train.ckpt_every` sets the spacing): curves.csv
-and plot_curve_METRIC.png, the evidence that a run has converged (the metric flat, not only the loss). Everything
-is resumable: a finished training or evaluation is read back, an interrupted training resumes
-from its newest checkpoint (the trainer's exact resume), so a killed sweep rerun with the same command ends with
-the same table. --dry-run lists the cells and exits.
+Layout of DIR: sweep.json (the base config and training overrides: a rerun with another --config or with other
+non-eval --set values is refused; the grid, seeds and eval.* options may change), runs/CELL/ (one training
+workdir per training cell and seed; CELL is `key=value+...+seed=S`), runs/CELL/sweep/*.json (each evaluation,
+keyed by its options and checkpoint step). Each invocation writes NAME.md and NAME.csv (NAME from --table,
+default `table`: one row per grid cell, each metric's mean, sample std over seeds and count; the .md holds the
+command that rebuilds it), NAME_timings.csv (wall seconds per training and evaluation) and NAME_METRIC.png (the
+metric against the last grid key, a line per combination of the others, error bars one std). --curve also
+evaluates every checkpoint the runs kept (`train.ckpt_every` and `train.keep_checkpoints` set them): NAME_curves.csv
+and NAME_curve_METRIC.png, the evidence that a run has converged (the metric flat, not only the loss).
+Everything is resumable: a finished training or evaluation is read back, an interrupted training resumes from its
+newest checkpoint (the trainer's exact resume), so a killed sweep rerun with the same command ends with the same
+table. --dry-run lists the cells and exits.
 """
 
 from __future__ import annotations
@@ -278,18 +280,28 @@ def _eval_key(name: str, options: dict, step: int, seed: int) -> str:
 # ----------------------------------------------------------------------------------------------------- the sweep
 
 
-def _check_spec(out: str, spec: dict) -> None:
+def _training_sets(sets: Sequence[str]) -> List[str]:
+    return [t for t in sets if not t.strip().startswith("eval.")]
+
+
+def _check_spec(out: str, spec: dict, name: str) -> None:
+    """OUT belongs to one base config and one set of training overrides; its tables may be many (--table)."""
     path = os.path.join(out, "sweep.json")
+    record = {"config": spec["config"], "train_set": _training_sets(spec["set"]), "tables": {}}
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if {k: old.get(k) for k in ("config", "set")} != {k: spec[k] for k in ("config", "set")}:
+        old_sets = old.get("train_set", _training_sets(old.get("set", [])))
+        if (old.get("config"), old_sets) != (record["config"], record["train_set"]):
             raise SweepError(
-                f"{out} holds a sweep of --config {old.get('config')} --set {old.get('set')}; this one is "
-                f"--config {spec['config']} --set {spec['set']}. Use another --out (grids and seeds may grow in place)."
+                f"{out} holds a sweep of --config {old.get('config')} --set {old_sets}; this one is "
+                f"--config {spec['config']} --set {record['train_set']} (evaluation options aside). Use another "
+                "--out (grids, seeds and eval.* options may change in place)."
             )
+        record["tables"] = old.get("tables", {})
+    record["tables"][name] = spec
     os.makedirs(out, exist_ok=True)
-    _write_json(path, spec)
+    _write_json(path, record)
 
 
 def run_sweep(
@@ -301,10 +313,12 @@ def run_sweep(
     out: str,
     *,
     curve: bool = False,
+    name: str = "table",
     announce: Callable[[str], None] = print,
 ) -> List[dict]:
     """Train and evaluate every cell (reading back what is done) -> one result row per cell; writes the tables.
-    curve: also evaluate every kept checkpoint of every run (learning curves, OUT/curves.csv and plots)."""
+    curve: also evaluate every kept checkpoint of every run (learning curves, OUT/NAME_curves.csv and plots).
+    name: the stem of this invocation's outputs (NAME.md, NAME.csv, ...), so several tables can share OUT's runs."""
     from research.run import checkpoint_steps
     from research.train.loop import train
 
@@ -314,7 +328,10 @@ def run_sweep(
     cells = plan_cells(config_arg, grids, sets, seeds)
     path = config_arg.partition(":")[0]
     spec = {"config": config_arg, "grid": list(grids), "set": list(sets), "seeds": list(seeds), "eval": list(evals)}
-    _check_spec(out, spec)
+    spec["curve"] = curve
+    if not name or _safe(name) != name or "=" in name:
+        raise SweepError(f"--table {name!r}: use letters, digits, '-' and '_'")
+    _check_spec(out, spec, name)
     timings, rows, curve_rows = [], [], []
     trained = {}
 
@@ -360,10 +377,10 @@ def run_sweep(
             for ckpt in checkpoint_steps(workdir):
                 metrics = _evaluate(workdir, cell, evals, ckpt, f"[{i + 1}/{len(cells)}] curve, step {ckpt}:")
                 curve_rows.append({"cell": cell, "step": int(ckpt), "metrics": metrics})
-    write_tables(rows, [k for k, _ in _axes(grids)], out, spec)
+    write_tables(rows, [k for k, _ in _axes(grids)], out, spec, name)
     if curve:
-        write_curves(curve_rows, [k for k, _ in _axes(grids)], out)
-    with open(os.path.join(out, "timings.csv"), "w", newline="") as f:
+        write_curves(curve_rows, [k for k, _ in _axes(grids)], out, name)
+    with open(os.path.join(out, f"{name}_timings.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["what", "cell", "seconds"])
         w.writeheader()
         w.writerows(timings)
@@ -401,7 +418,7 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return mean, std
 
 
-def write_tables(rows: List[dict], keys: List[str], out: str, spec: dict) -> str:
+def write_tables(rows: List[dict], keys: List[str], out: str, spec: dict, name: str = "table") -> str:
     labels, metrics, groups = summarize(rows)
     header = keys + [f"{m} {s}" for m in metrics for s in ("mean", "std")] + ["seeds"]
     csv_rows, md = [], []
@@ -413,13 +430,16 @@ def write_tables(rows: List[dict], keys: List[str], out: str, spec: dict) -> str
         )
         cells = [f"{stats[m][0]:.4g} ± {stats[m][1]:.2g}" if m in stats else "-" for m in metrics]
         md.append("| " + " | ".join(list(label) + cells + [str(n)]) + " |")
-    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
+    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(csv_rows)
     command = "python -m experiments.sweep --config " + spec["config"]
     command += "".join(f" --grid '{g}'" for g in spec["grid"]) + "".join(f" --set '{s}'" for s in spec["set"])
-    command += f" --seeds {','.join(map(str, spec['seeds']))} --eval {','.join(spec['eval'])} --out {out}"
+    command += f" --seeds {','.join(map(str, spec['seeds']))} --eval {','.join(spec['eval'])}"
+    command += (
+        (" --curve" if spec.get("curve") else "") + (f" --table {name}" if name != "table" else "") + f" --out {out}"
+    )
     text = "\n".join(
         [
             f"# Sweep of {spec['config']}",
@@ -433,14 +453,14 @@ def write_tables(rows: List[dict], keys: List[str], out: str, spec: dict) -> str
             *md,
         ]
     )
-    with open(os.path.join(out, "table.md"), "w") as f:
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(text + "\n")
-    _plots(labels, metrics, groups, keys, out)
+    _plots(labels, metrics, groups, keys, out, name)
     return text
 
 
-def write_curves(curve_rows: List[dict], keys: List[str], out: str) -> None:
-    """OUT/curves.csv (mean and std over seeds per grid cell and checkpoint step) and plot_curve_METRIC.png."""
+def write_curves(curve_rows: List[dict], keys: List[str], out: str, name: str = "table") -> None:
+    """OUT/NAME_curves.csv (mean and std over seeds per grid cell and checkpoint step), NAME_curve_METRIC.png."""
     by_step: Dict[Tuple[Tuple[str, ...], int], Dict[str, list]] = {}
     metrics: List[str] = []
     for row in curve_rows:
@@ -448,7 +468,7 @@ def write_curves(curve_rows: List[dict], keys: List[str], out: str) -> None:
         for k, v in row["metrics"].items():
             metrics += [k] if k not in metrics else []
             group.setdefault(k, []).append(float(v))
-    with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+    with open(os.path.join(out, f"{name}_curves.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys + ["step"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")] + ["seeds"])
         for (label, step), group in by_step.items():
@@ -465,19 +485,21 @@ def write_curves(curve_rows: List[dict], keys: List[str], out: str) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for label in labels:
             pts = sorted((step, *mean_std(g[m])) for (lab, step), g in by_step.items() if lab == label and m in g)
-            name = ", ".join(f"{k}={v}" for k, v in zip(keys, label)) or m
-            ax.errorbar(*zip(*[(p[0], p[1]) for p in pts]), yerr=[p[2] for p in pts], marker="o", capsize=3, label=name)
+            legend = ", ".join(f"{k}={v}" for k, v in zip(keys, label)) or m
+            ax.errorbar(
+                *zip(*[(p[0], p[1]) for p in pts]), yerr=[p[2] for p in pts], marker="o", capsize=3, label=legend
+            )
         ax.set_xlabel("training step")
         ax.set_ylabel(m)
         ax.grid(alpha=0.3)
         if len(labels) > 1:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"plot_curve_{_safe(m)}.png"), dpi=120)
+        fig.savefig(os.path.join(out, f"{name}_curve_{_safe(m)}.png"), dpi=120)
         plt.close(fig)
 
 
-def _plots(labels, metrics, groups, keys, out) -> None:
+def _plots(labels, metrics, groups, keys, out, name) -> None:
     if not keys:
         return
     import matplotlib
@@ -502,9 +524,9 @@ def _plots(labels, metrics, groups, keys, out) -> None:
             ]
             if not pts:
                 continue
-            name = ", ".join(f"{k}={v}" for k, v in zip(keys[:-1], line)) or m
+            legend = ", ".join(f"{k}={v}" for k, v in zip(keys[:-1], line)) or m
             ax.errorbar(
-                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=name
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=legend
             )
         ax.set_xlabel(keys[-1])
         ax.set_ylabel(m)
@@ -516,7 +538,7 @@ def _plots(labels, metrics, groups, keys, out) -> None:
         if len(lines) > 1:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"plot_{_safe(m)}.png"), dpi=120)
+        fig.savefig(os.path.join(out, f"{name}_{_safe(m)}.png"), dpi=120)
         plt.close(fig)
 
 
@@ -529,6 +551,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval", default="fid_domain", help=f"comma list of {list(EVALUATORS)}")
     p.add_argument("--out", required=True)
     p.add_argument("--curve", action="store_true", help="also evaluate every kept checkpoint (learning curves)")
+    p.add_argument("--table", default="table", help="stem of this invocation's outputs in OUT (default: table)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     args = p.parse_args(argv)
     from research.config import ConfigError
@@ -547,11 +570,11 @@ def main(argv=None) -> int:
             for c in cells:
                 print(f"  {c.train_name}  {_options_text(c)}")
             return 0
-        run_sweep(args.config, args.grid, args.set, seeds, evals, args.out, curve=args.curve)
+        run_sweep(args.config, args.grid, args.set, seeds, evals, args.out, curve=args.curve, name=args.table)
     except (SweepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(os.path.join(args.out, "table.md")) as f:
+    with open(os.path.join(args.out, f"{args.table}.md")) as f:
         print(f.read())
     return 0
 

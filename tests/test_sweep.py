@@ -101,7 +101,7 @@ def test_tables_group_seeds(tmp_path, config_file):
     csv_lines = (tmp_path / "table.csv").read_text().splitlines()
     assert csv_lines[0] == "optim.lr,fid_domain mean,fid_domain std,seeds"
     assert csv_lines[2] == "2e-3,11,1,3"
-    assert (tmp_path / "plot_fid_domain.png").stat().st_size > 1000
+    assert (tmp_path / "table_fid_domain.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -167,14 +167,13 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, config_file, monkeypat
     assert f"{rows[0]['metrics']['fid_domain']:.6g}" == table[3]["fid_domain mean"]
 
     # learning curves: every kept checkpoint; the loss at step 4 is the one logged at step 4 (the last 10% of 4 steps)
-    sweep.run_sweep(
-        config_file, ["optim.lr=3e-3"], ["eval.num=64"], [0], ["loss"], out_b, curve=True, announce=lambda s: None
-    )
-    with open(tmp_path / "b" / "curves.csv") as f:
+    # (eval.* options may differ between the invocations that share OUT's runs; --table keeps their outputs apart)
+    sweep.run_sweep(config_file, ["optim.lr=3e-3"], [], [0], ["loss"], out_b, curve=True, name="lr", announce=print)
+    with open(tmp_path / "b" / "lr_curves.csv") as f:
         curve = {int(r["step"]): float(r["loss mean"]) for r in csv.DictReader(f)}
     with open(os.path.join(second, "metrics.jsonl")) as f:
         logged = {r["step"]: r["loss"] for r in map(json.loads, f)}
     assert sorted(curve) == [4, 8]
     assert curve[4] == pytest.approx(logged[4], rel=1e-5)
     assert curve[8] == pytest.approx(float(table[3]["loss mean"]), rel=1e-5)
-    assert (tmp_path / "b" / "plot_curve_loss.png").exists()
+    assert (tmp_path / "b" / "lr_curve_loss.png").exists()
