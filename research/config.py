@@ -117,6 +117,11 @@ def base_config() -> ml_collections.ConfigDict:
             fsdp_min_size=2**18,  # leaves with fewer elements stay replicated under 'fsdp'
             progress=True,
             tensorboard=True,  # also write the logged scalars and preview grids to WORKDIR/tensorboard (tensorboardX)
+            # Learning curve of sample quality: every fid_every steps (a multiple of ckpt_every; 0: off), the
+            # domain-classifier FID of fid_num samples of the saved checkpoint (the run's sample settings) against
+            # the training split, appended to WORKDIR/fid.jsonl and to TensorBoard (eval/fid_domain).
+            fid_every=0,
+            fid_num=1000,
         )
     )
 
@@ -480,6 +485,13 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key} must be >= 1, got {config[section][leaf]}")
     if config.train.num_devices < 0:
         raise ConfigError(f"train.num_devices must be >= 0 (0: all devices), got {config.train.num_devices}")
+    if config.train.fid_every < 0 or config.train.fid_every % config.train.ckpt_every:
+        raise ConfigError(
+            f"train.fid_every={config.train.fid_every} must be 0 (off) or a multiple of train.ckpt_every="
+            f"{config.train.ckpt_every}: the FID is computed from the checkpoint saved at that step"
+        )
+    if config.train.fid_every and config.train.fid_num < 2:
+        raise ConfigError(f"train.fid_num must be >= 2 for a covariance, got {config.train.fid_num}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     d = config.diffusion

@@ -168,3 +168,51 @@ def test_tensorboard_events_hold_the_logged_scalars_and_sample_grids(tiny_config
     for step in (3, 6):
         with Image.open(os.path.join(workdir, "samples", f"step_{step:07d}.png")) as im:
             assert images[step] == (im.height, im.width)
+
+
+def test_periodic_domain_fid_is_the_fid_of_the_saved_checkpoint(tiny_config, tmp_path):
+    """train.fid_every writes fid.jsonl rows at those steps equal to an evaluation of the same checkpoint afterwards
+    (the sweep runner's evaluator, same sampler settings and seed), and the values go to TensorBoard."""
+    from experiments.sweep import EVAL_DEFAULTS, eval_fid_domain
+
+    workdir = str(tmp_path / "run")
+    config = apply_overrides(
+        tiny_config, [("train.fid_every", "3"), ("train.fid_num", "48"), ("train.ema_decay", "0.0")]
+    )
+    train(config, workdir)
+    with open(os.path.join(workdir, "fid.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [3, 6]
+    options = dict(EVAL_DEFAULTS, num=48, batch=int(config.sample.batch_size))
+    for r in rows:
+        again = eval_fid_domain(workdir, options, 0, r["step"])
+        assert r["fid_domain"] == pytest.approx(again["fid_domain"], rel=1e-6)
+    assert rows[0]["fid_domain"] != rows[1]["fid_domain"]  # two different checkpoints
+    board = {
+        (v.tag, e.step): v.simple_value
+        for e in _events(os.path.join(workdir, "tensorboard"))
+        for v in e.summary.value
+        if v.tag == "eval/fid_domain"
+    }
+    assert board == {("eval/fid_domain", r["step"]): pytest.approx(r["fid_domain"]) for r in rows}
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ([("train.fid_every", "4")], "multiple of train.ckpt_every"),
+        ([("train.fid_every", "3"), ("data.name", "synthetic")], "no domain classifier"),
+    ],
+)
+def test_periodic_fid_requests_fail_before_training(tiny_config, tmp_path, overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        train(apply_overrides(tiny_config, overrides), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_periodic_fid_needs_a_sampler(tmp_path):
+    from tests.factories import make_tiny_vae_config
+
+    config = apply_overrides(make_tiny_vae_config(), [("train.fid_every", "4"), ("train.ckpt_every", "4")])
+    with pytest.raises(ConfigError, match="no sampler"):
+        train(config, str(tmp_path / "run"))

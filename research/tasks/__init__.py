@@ -182,6 +182,11 @@ class Task(abc.ABC):
         """Called once when the run reaches train.num_steps (also after a resume that finishes it)."""
         return None
 
+    @property
+    def has_sampler(self) -> bool:
+        """Whether `sampler` can draw samples (a task whose override only explains the refusal sets False)."""
+        return type(self).sampler is not Task.sampler
+
     def sampler(self, workdir: str, config, options: SampleOptions):
         """A callable (num, seed, progress) -> Samples for `research.sample`; ConfigError when the task has none.
         Options a task cannot honour (a sampler name for a few-step student, guidance without a null condition,

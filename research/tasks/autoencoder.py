@@ -264,6 +264,8 @@ class AutoencoderTask(Task):
             use_ema=use_ema,
         )
 
+    has_sampler = False  # the override below only explains why
+
     def sampler(self, workdir, config, options=None):
         raise ConfigError(
             f"{workdir} holds an autoencoder, which has no sampler; its reconstructions are in "

@@ -101,6 +101,8 @@ class NoisyClassifierTask(Task):
         trainer.schedule = schedule
         return trainer
 
+    has_sampler = False  # the override below only explains why
+
     def sampler(self, workdir, config, options=None):
         raise ConfigError(
             f"{workdir} holds a noisy classifier, which has no sampler; use it to guide a diffusion run with "

@@ -99,6 +99,48 @@ def _event_writer(workdir: str):
     return SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
 
+def check_fid_request(config, task) -> None:
+    """ConfigError, before anything is compiled, when train.fid_every cannot be honoured."""
+    if not config.train.fid_every:
+        return
+    from research.metrics.classifier import ClassifierError, get_recipe
+
+    if not task.has_sampler:
+        raise ConfigError(f"train.fid_every: task {task.name!r} has no sampler to draw samples from; set it to 0")
+    if jax.process_count() > 1:
+        raise ConfigError("train.fid_every samples on one process; on several hosts evaluate the checkpoints after")
+    try:
+        get_recipe(config.data.name)
+    except ClassifierError as e:
+        raise ConfigError(f"train.fid_every: {e}") from None
+
+
+def domain_fid(workdir: str, config, task, step: int) -> dict:
+    """Domain FID of train.fid_num samples of the checkpoint at `step` (seed 0) against the training split."""
+    from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
+    from research.tasks import SampleOptions
+
+    t0 = time.time()
+    result = task.sampler(workdir, config, SampleOptions(step=step))(int(config.train.fid_num), seed=0)
+    space = feature_space("domain", config.data.name, data_dir=config.data.data_dir or None)
+    m = evaluate_images(
+        result.images,
+        space,
+        DatasetSpec(config.data.name, "train"),
+        data_dir=config.data.data_dir or None,
+        kid=False,
+        precision_recall=False,
+        progress=False,
+    )
+    return {
+        "step": step,
+        "fid_domain": m["fid"],
+        "classifier_score": m["classifier_score"],
+        "num": int(config.train.fid_num),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
 def _read_png(path: str) -> np.ndarray:
     from PIL import Image
 
@@ -117,6 +159,7 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
 
     validate_config(config)
     task = task_of(config)
+    check_fid_request(config, task)
     tc = config.train
     mesh = make_mesh(tc)
     n_dev = mesh.devices.size
@@ -246,6 +289,14 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
                 flush(done)
                 ckpt.save(done, state, data_iter.get_state(), meta)
                 last_saved = done
+                if tc.fid_every and done % tc.fid_every == 0:
+                    ckpt.wait()
+                    row = domain_fid(workdir, config, task, done)
+                    with open(os.path.join(workdir, "fid.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if board is not None:
+                        board.add_scalar("eval/fid_domain", row["fid_domain"], done)
+                    log.info("step %d: domain FID %.3f (%d samples)", done, row["fid_domain"], row["num"])
             if tc.sample_every and (done % tc.sample_every == 0 or done == end) and is_main:
                 if preview is None:
                     preview = task.preview(config, trainer) or (lambda state, path: None)
