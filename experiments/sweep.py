@@ -192,11 +192,22 @@ def _write_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-def _sample_options(options: dict, step: int):
+def _cached(path: str, compute: Callable[[], dict]) -> dict:
+    """The JSON at `path`, or compute() plus its wall seconds, written atomically: what makes a sweep resumable."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    t0 = time.time()
+    value = compute()
+    value["seconds"] = round(time.time() - t0, 1)
+    _write_json(path, value)
+    return value
+
+
+def _sample_options(options: dict):
     from research.tasks import SampleOptions
 
     return SampleOptions(
-        step=step,
         sampler=options["sampler"],
         steps=options["steps"],
         eta=options["eta"],
@@ -206,28 +217,12 @@ def _sample_options(options: dict, step: int):
 
 
 def eval_fid_domain(workdir: str, options: dict, seed: int, step: int) -> dict:
-    from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
     from research.run import read_config
-    from research.tasks import task_of
+    from research.train.loop import domain_fid
 
-    config = read_config(workdir)
-    run = task_of(config).sampler(workdir, config, _sample_options(options, step))
-    result = run(int(options["num"]), seed=seed)
-    labels = result.labels if result.labels is not None and result.labels.min() >= 0 else None
-    space = feature_space("domain", config.data.name)
-    metrics = evaluate_images(
-        result.images,
-        space,
-        DatasetSpec(config.data.name, "train"),
-        labels=labels,
-        kid=False,
-        precision_recall=False,
-        progress=False,
+    return domain_fid(
+        workdir, read_config(workdir), step, int(options["num"]), seed=seed, options=_sample_options(options)
     )
-    out = {"fid_domain": metrics["fid"], "classifier_score": metrics["classifier_score"]}
-    if "classifier_accuracy" in metrics:
-        out["classifier_accuracy"] = metrics["classifier_accuracy"]
-    return out
 
 
 def eval_bpd(workdir: str, options: dict, seed: int, step: int) -> dict:
@@ -339,16 +334,13 @@ def run_sweep(
         options, metrics = dict(cell.eval_options), {}
         os.makedirs(os.path.join(workdir, "sweep"), exist_ok=True)
         for name in evals:
-            cache = os.path.join(workdir, "sweep", _eval_key(name, options, step, cell.seed) + ".json")
-            if os.path.exists(cache):
-                with open(cache) as f:
-                    value = json.load(f)
-            else:
+
+            def compute(name=name):
                 announce(f"{where} {name} of {cell.train_name} {_options_text(cell)}")
-                t0 = time.time()
-                value = {"metrics": EVALUATORS[name][0](workdir, options, cell.seed, step)}
-                value["seconds"] = round(time.time() - t0, 1)
-                _write_json(cache, value)
+                return {"metrics": EVALUATORS[name][0](workdir, options, cell.seed, step)}
+
+            cache = os.path.join(workdir, "sweep", _eval_key(name, options, step, cell.seed) + ".json")
+            value = _cached(cache, compute)
             metrics.update(value["metrics"])
             what = cell.train_name + " " + _options_text(cell) + f" step {step}"
             timings.append({"what": name, "cell": what, "seconds": value["seconds"]})
@@ -358,17 +350,15 @@ def run_sweep(
         workdir = os.path.join(out, "runs", cell.train_name)
         done = os.path.join(workdir, "sweep_trained.json")
         if cell.train_name not in trained:
-            if os.path.exists(done):
-                with open(done) as f:
-                    info = json.load(f)
-            else:
+
+            def run_training(cell=cell, workdir=workdir, i=i):
                 from research.tasks import get_config
 
                 announce(f"[{i + 1}/{len(cells)}] training {cell.train_name}")
-                t0 = time.time()
                 train(get_config(_config_path(path, cell.variant), cell_overrides(cell)), workdir)
-                info = {"seconds": round(time.time() - t0, 1), "step": max(checkpoint_steps(workdir))}
-                _write_json(done, info)
+                return {"step": max(checkpoint_steps(workdir))}
+
+            info = _cached(done, run_training)
             trained[cell.train_name] = info
             timings.append({"what": "train", "cell": cell.train_name, "seconds": info["seconds"]})
         step = trained[cell.train_name]["step"]

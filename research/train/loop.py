@@ -115,30 +115,30 @@ def check_fid_request(config, task) -> None:
         raise ConfigError(f"train.fid_every: {e}") from None
 
 
-def domain_fid(workdir: str, config, task, step: int) -> dict:
-    """Domain FID of train.fid_num samples of the checkpoint at `step` (seed 0) against the training split."""
+def domain_fid(workdir: str, config, step: int, num: int, *, seed: int = 0, options=None) -> dict:
+    """Domain FID of `num` samples of the checkpoint at `step` (the run's sample settings, or `options`) against the
+    training split -> {'fid_domain', 'classifier_score'[, 'classifier_accuracy' for class-conditional samples]}."""
+    import dataclasses
+
     from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
     from research.tasks import SampleOptions
 
-    t0 = time.time()
-    result = task.sampler(workdir, config, SampleOptions(step=step))(int(config.train.fid_num), seed=0)
-    space = feature_space("domain", config.data.name, data_dir=config.data.data_dir or None)
+    options = dataclasses.replace(options or SampleOptions(), step=step)
+    result = task_of(config).sampler(workdir, config, options)(int(num), seed=seed)
+    labels = result.labels if result.labels is not None and result.labels.min() >= 0 else None
+    data_dir = config.data.data_dir or None
     m = evaluate_images(
         result.images,
-        space,
+        feature_space("domain", config.data.name, data_dir=data_dir),
         DatasetSpec(config.data.name, "train"),
-        data_dir=config.data.data_dir or None,
+        labels=labels,
+        data_dir=data_dir,
         kid=False,
         precision_recall=False,
         progress=False,
     )
-    return {
-        "step": step,
-        "fid_domain": m["fid"],
-        "classifier_score": m["classifier_score"],
-        "num": int(config.train.fid_num),
-        "seconds": round(time.time() - t0, 1),
-    }
+    keys = ("fid", "classifier_score", "classifier_accuracy")
+    return {("fid_domain" if k == "fid" else k): m[k] for k in keys if k in m}
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -291,7 +291,9 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
                 last_saved = done
                 if tc.fid_every and done % tc.fid_every == 0:
                     ckpt.wait()
-                    row = domain_fid(workdir, config, task, done)
+                    t0 = time.time()
+                    row = {"step": done, **domain_fid(workdir, config, done, int(tc.fid_num))}
+                    row.update(num=int(tc.fid_num), seconds=round(time.time() - t0, 1))
                     with open(os.path.join(workdir, "fid.jsonl"), "a") as f:
                         f.write(json.dumps(row) + "\n")
                     if board is not None:
