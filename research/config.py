@@ -115,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
             sharding_rules=(),  # ((regex, rule), ...) on state key paths: replicate | fsdp | model:K | fsdp+model:K
             # (research/train/mesh.py); (('.*', 'fsdp'),) is FSDP; () keeps the default
             fsdp_min_size=2**18,  # leaves with fewer elements stay replicated under 'fsdp'
+            # Gradient accumulation: the batch is split into grad_accum microbatches whose gradients are averaged
+            # in one compiled step (less activation memory, the same update; research/train/grads.py).
+            grad_accum=1,
+            # Dynamic loss scaling: auto (on when model.dtype='float16') | dynamic | off. Steps with non-finite
+            # gradients are skipped and the scale halved; it doubles after 2000 finite steps.
+            loss_scale="auto",
             progress=True,
             tensorboard=True,  # also write the logged scalars and preview grids to WORKDIR/tensorboard (tensorboardX)
             # Learning curve of sample quality: every fid_every steps (a multiple of ckpt_every; 0: off), the
@@ -456,6 +462,7 @@ _CHOICES = {
     "clip.loss": ("clip", "siglip"),
     "sample.sampler": ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "unipc"),  # = diffusion.samplers.SAMPLERS
     "sample.grid": ("uniform", "logsnr", "karras"),
+    "train.loss_scale": ("auto", "dynamic", "off"),  # = research.train.grads.LOSS_SCALE_CHOICES
 }
 
 
@@ -476,6 +483,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         "train.log_every",
         "train.ckpt_every",
         "train.mesh_model",
+        "train.grad_accum",
         "sample.num",
         "sample.batch_size",
     ]
@@ -483,6 +491,11 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         section, leaf = key.split(".")
         if int(config[section][leaf]) < 1:
             raise ConfigError(f"{key} must be >= 1, got {config[section][leaf]}")
+    if config.train.batch_size % config.train.grad_accum:
+        raise ConfigError(
+            f"train.grad_accum={config.train.grad_accum} must divide train.batch_size={config.train.batch_size} "
+            f"(microbatches of equal size)"
+        )
     if config.train.num_devices < 0:
         raise ConfigError(f"train.num_devices must be >= 0 (0: all devices), got {config.train.num_devices}")
     if config.train.fid_every < 0 or config.train.fid_every % config.train.ckpt_every:

@@ -18,7 +18,7 @@ LAYERS = [
         "math, models, data",
         [r"research\.diffusion(\..*)?", r"research\.models(\.(?!convert_).*)?", r"research\.data(\..*)?"],
     ),
-    ("machinery", [r"research\.train\.(checkpoint|mesh|state)", r"research\.run"]),
+    ("machinery", [r"research\.train\.(checkpoint|mesh|state|grads|distributed)", r"research\.run"]),
     ("shapes", [r"research\.shapes"]),
     (
         "runs and metrics",

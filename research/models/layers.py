@@ -174,6 +174,10 @@ def attention(
     softmax in float32; only the probabilities are cast back to the input dtype for the product with v. So no
     upcast is needed here (tests/test_attention.py checks the bfloat16 result against a float32 softmax).
     A query row whose keys are all masked gets uniform weights over them, not NaN.
+
+    On a GPU, bfloat16 / float16 attention without a mask runs cuDNN's fused flash kernel where its shape limits
+    allow (attention_implementation); everything else takes the XLA path. The CPU cannot multiply float16 into a
+    float32 accumulator, so there float16 inputs are computed in float32 and the result cast back.
     """
     dtype = dtype or jnp.result_type(q, k, v)
     q, k, v = (a.astype(dtype) for a in (q, k, v))
@@ -183,7 +187,25 @@ def attention(
             raise ValueError(f"attention mask has shape {mask.shape}; it must broadcast to [B, heads, Nq, Nk]")
         # dot_product_attention wants a rank-4 bool mask; numpy broadcasting aligns trailing axes.
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    platform = jax.default_backend()
+    if attention_implementation(dtype, q.shape[-1], platform, masked=mask is not None) == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass  # a shape or cuDNN version the fused kernel does not take
+    if platform == "cpu" and dtype == jnp.float16:
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla").astype(dtype)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def attention_implementation(dtype, head_dim: int, platform: str, *, masked: bool = False) -> str:
+    """'cudnn' (fused flash attention) for unmasked bfloat16 / float16 attention on a GPU with a head size cuDNN
+    takes (a multiple of 8, at most 128), else 'xla'."""
+    fused_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform in ("gpu", "cuda") and fused_dtype and not masked and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
 
 
 class AttentionBlock(nn.Module):

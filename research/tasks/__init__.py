@@ -78,7 +78,16 @@ def validate_config(config) -> None:
         check_rules(config.train.sharding_rules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    task_of(config).validate(config)
+    task = task_of(config)
+    from research.train.grads import uses_loss_scale
+
+    if not task.gradient_options and (config.train.grad_accum > 1 or uses_loss_scale(config)):
+        what = f"train.grad_accum={config.train.grad_accum}" if config.train.grad_accum > 1 else "dynamic loss scaling"
+        raise ConfigError(
+            f"{what}: task {task.name!r} does not support it (the diffusion, text_to_image and controlnet tasks "
+            f"do); use train.grad_accum=1 and a float32 or bfloat16 model.dtype"
+        )
+    task.validate(config)
 
 
 def get_config(path: str, overrides=()):
@@ -145,6 +154,8 @@ class Task(abc.ABC):
     """Base class: a task must build its trainer; every other hook has a default."""
 
     name = ""
+    # Whether the step computes its gradients through research.train.grads (train.grad_accum, float16 loss scaling).
+    gradient_options = False
 
     def validate(self, config) -> None:
         """Raise ConfigError for values of this task's section (and the shared sections it uses) that cannot work."""

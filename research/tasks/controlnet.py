@@ -39,6 +39,7 @@ from research.shapes import abstract_net_params, build_network, init_net_params,
 from research.tasks import SampleOptions, Samples, Task, Trainer, register_task
 from research.tasks.common import compile_trainer, model_meta
 from research.tasks.diffusion import check_sample_options, options_generator, samples_name
+from research.train import grads as grads_lib
 from research.train import mesh as mesh_lib
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
@@ -184,12 +185,21 @@ def make_control_loss_fn(control, base, schedule, config):
     return loss_fn
 
 
-def make_control_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: bool):
+def make_control_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: bool, microbatches: int = 1):
     def train_step(state, batch, base_params):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["net"], batch, rng, base_params)
+        (loss, _), grads = grads_lib.value_and_grad(
+            loss_fn,
+            state.params["net"],
+            batch,
+            rng,
+            base_params,
+            microbatches=microbatches,
+            loss_scale=state.loss_scale,
+        )
         new_state = apply_gradients(state, {"net": grads}, txs, ema_decay_at(state.step, ema_decay, ema_warmup))
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        return new_state, {**metrics, **grads_lib.scale_metrics(state)}
 
     return train_step
 
@@ -226,6 +236,8 @@ def test_hints(config, num: int):
 
 @register_task("controlnet")
 class ControlNetTask(Task):
+    gradient_options = True
+
     def validate(self, config) -> None:
         from research.data.hints import HINTS
         from research.models.registry import check_input_shape
@@ -298,14 +310,16 @@ class ControlNetTask(Task):
         txs = {"net": make_optimizer(config.optim, tc.num_steps)}
         lr_schedule = learning_rate_schedule(config.optim, tc.num_steps)
         loss_fn = make_control_loss_fn(control, base, schedule, config)
-        step_fn = make_control_step(loss_fn, txs, lr_schedule, tc.ema_decay, tc.ema_warmup)
+        step_fn = make_control_step(loss_fn, txs, lr_schedule, tc.ema_decay, tc.ema_warmup, tc.grad_accum)
+        loss_scale = grads_lib.loss_scale_for(config)
 
         def init(key, base_params):
             params = initial_control_params(init_net_params(control, config, key), base_params)
-            return init_train_state({"net": params}, txs, config.seed)
+            return init_train_state({"net": params}, txs, config.seed, loss_scale=loss_scale)
 
         abstract = jax.eval_shape(
-            lambda p: init_train_state({"net": p}, txs, config.seed), abstract_net_params(control, config)
+            lambda p: init_train_state({"net": p}, txs, config.seed, loss_scale=loss_scale),
+            abstract_net_params(control, config),
         )
         meta = model_meta(config, abstract)
         meta["frozen"] = {"base": reference}

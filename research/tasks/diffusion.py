@@ -26,6 +26,7 @@ from research.sampling import schedule_from_config
 from research.shapes import abstract_net_params, build_network, init_net_params, latent_enabled
 from research.tasks import SampleOptions, Samples, Task, Trainer, default_labels, register_task
 from research.tasks.common import compile_trainer, model_meta, validate_network
+from research.train import grads as grads_lib
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
 # Salt of the condition-dropout key: fold_in(step key, salt), so runs without dropout keep their random streams.
@@ -81,11 +82,13 @@ def make_loss_fn(model, schedule, config):
     return loss_fn
 
 
-def make_train_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: bool = False):
+def make_train_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: bool = False, microbatches: int = 1):
     def train_step(state, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         t_sampler = state.extra
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["net"], batch, rng, t_sampler)
+        (loss, aux), grads = grads_lib.value_and_grad(
+            loss_fn, state.params["net"], batch, rng, t_sampler, microbatches=microbatches, loss_scale=state.loss_scale
+        )
         if t_sampler is not None:
             # The history holds unweighted losses: the sampling probabilities estimate E[L_t^2] per t.
             t_sampler = likelihood.importance_update(t_sampler, aux["t"], jax.lax.stop_gradient(aux["per_example"]))
@@ -101,6 +104,7 @@ def make_train_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: boo
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "lr": lr_schedule(state.step),
+            **grads_lib.scale_metrics(state),
             **{k: v for k, v in aux.items() if k not in ("per_example", "t")},
         }
         return new_state, metrics
@@ -110,6 +114,8 @@ def make_train_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: boo
 
 @register_task("diffusion")
 class DiffusionTask(Task):
+    gradient_options = True
+
     def validate(self, config) -> None:
         validate_network(config)
         d = config.diffusion
@@ -141,7 +147,10 @@ class DiffusionTask(Task):
         schedule = schedule_from_config(config.diffusion)
         txs = {"net": make_optimizer(config.optim, tc.num_steps)}
         lr_schedule = learning_rate_schedule(config.optim, tc.num_steps)
-        step_fn = make_train_step(make_loss_fn(model, schedule, config), txs, lr_schedule, tc.ema_decay, tc.ema_warmup)
+        step_fn = make_train_step(
+            make_loss_fn(model, schedule, config), txs, lr_schedule, tc.ema_decay, tc.ema_warmup, tc.grad_accum
+        )
+        loss_scale = grads_lib.loss_scale_for(config)
 
         def t_sampler():
             if config.diffusion.t_sampling == "importance":
@@ -149,10 +158,11 @@ class DiffusionTask(Task):
             return None
 
         def init(key):
-            return init_train_state({"net": init_net_params(model, config, key)}, txs, config.seed, extra=t_sampler())
+            params = {"net": init_net_params(model, config, key)}
+            return init_train_state(params, txs, config.seed, extra=t_sampler(), loss_scale=loss_scale)
 
         abstract = jax.eval_shape(
-            lambda p: init_train_state({"net": p}, txs, config.seed, extra=t_sampler()),
+            lambda p: init_train_state({"net": p}, txs, config.seed, extra=t_sampler(), loss_scale=loss_scale),
             abstract_net_params(model, config),
         )
         meta = model_meta(config, abstract)

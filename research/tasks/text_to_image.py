@@ -51,6 +51,7 @@ from research.tasks.diffusion import (
     options_generator,
     samples_name,
 )
+from research.train import grads as grads_lib
 from research.train import mesh as mesh_lib
 from research.train.state import apply_gradients, ema_decay_at, init_train_state, learning_rate_schedule, make_optimizer
 
@@ -184,12 +185,15 @@ def make_t2i_loss_fn(unet, encoder: TextEncoder, schedule, config, table, empty)
     return loss_fn
 
 
-def make_t2i_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: bool):
+def make_t2i_step(loss_fn, txs, lr_schedule, ema_decay: float, ema_warmup: bool, microbatches: int = 1):
     def train_step(state, batch, frozen_text):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, frozen_text)
+        (loss, _), grads = grads_lib.value_and_grad(
+            loss_fn, state.params, batch, rng, frozen_text, microbatches=microbatches, loss_scale=state.loss_scale
+        )
         new_state = apply_gradients(state, grads, txs, ema_decay_at(state.step, ema_decay, ema_warmup))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        metrics.update(grads_lib.scale_metrics(state))
         return new_state, metrics
 
     return train_step
@@ -203,6 +207,8 @@ def text_conditioner(encoder: TextEncoder, text_params, tokens, empty):
 
 @register_task("text_to_image")
 class TextToImageTask(Task):
+    gradient_options = True
+
     def validate(self, config) -> None:
         if config.model.name != "cond_unet":
             raise ConfigError(
@@ -265,7 +271,8 @@ class TextToImageTask(Task):
         txs = {part: make_optimizer(config.optim, tc.num_steps) for part in parts}
         lr_schedule = learning_rate_schedule(config.optim, tc.num_steps)
         loss_fn = make_t2i_loss_fn(unet, encoder, schedule, config, table, empty)
-        step_fn = make_t2i_step(loss_fn, txs, lr_schedule, tc.ema_decay, tc.ema_warmup)
+        step_fn = make_t2i_step(loss_fn, txs, lr_schedule, tc.ema_decay, tc.ema_warmup, tc.grad_accum)
+        loss_scale = grads_lib.loss_scale_for(config)
         tokens = jnp.zeros((1, encoder.context_length), jnp.int32)
 
         def init_params(key):
@@ -276,14 +283,16 @@ class TextToImageTask(Task):
             return params
 
         def init(key):
-            return init_train_state(init_params(key), txs, config.seed, ema_parts=parts)
+            return init_train_state(init_params(key), txs, config.seed, ema_parts=parts, loss_scale=loss_scale)
 
         abstract_params = {"net": abstract_net_params(unet, config)}
         if encoder.trainable:
             abstract_params["text"] = jax.eval_shape(lambda: encoder.module.init(jax.random.PRNGKey(0), tokens))[
                 "params"
             ]
-        abstract = jax.eval_shape(lambda p: init_train_state(p, txs, config.seed, ema_parts=parts), abstract_params)
+        abstract = jax.eval_shape(
+            lambda p: init_train_state(p, txs, config.seed, ema_parts=parts, loss_scale=loss_scale), abstract_params
+        )
         meta = model_meta(config, abstract)
         frozen = {}
         if not encoder.trainable:

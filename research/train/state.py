@@ -26,6 +26,7 @@ class TrainState:
     rng: jax.Array  # raw uint32 [2] key; step k uses fold_in(rng, k), so resuming needs no RNG replay
     extra: Any = None  # task-owned arrays that are not parameters (importance-sampling history, PD's
     # round teacher, a consistency target network), checkpointed with the rest
+    loss_scale: Any = None  # research.train.grads.LossScale of a float16 run (dynamic loss scaling), else None
 
     def sampling_params(self, part: str = "net", use_ema: bool = True):
         if use_ema and part in self.ema_params:
@@ -40,6 +41,7 @@ def init_train_state(
     *,
     ema_parts=("net",),
     extra=None,
+    loss_scale=None,
 ) -> TrainState:
     params = dict(params)
     return TrainState(
@@ -49,6 +51,7 @@ def init_train_state(
         opt_state={p: txs[p].init(v) for p, v in params.items()},
         rng=jax.random.PRNGKey(seed),
         extra=extra,
+        loss_scale=loss_scale,
     )
 
 
@@ -117,16 +120,32 @@ def apply_gradients(
     keep_extra: bool = True,
 ) -> TrainState:
     """One optimizer step for every part in `grads` (the others keep their parameters and optimizer state), then
-    the EMA of every part that keeps one, with `ema_decay` (a float or a traced scalar)."""
+    the EMA of every part that keeps one, with `ema_decay` (a float or a traced scalar).
+
+    A state with a loss scale (float16 training, research.train.grads) takes the step only when every gradient is
+    finite: otherwise parameters, optimizer state, EMA and `extra` keep their values, the step counter advances
+    and the scale is halved."""
     params, opt_state = dict(state.params), dict(state.opt_state)
     for part, g in grads.items():
         updates, opt_state[part] = txs[part].update(g, state.opt_state[part], state.params[part])
         params[part] = optax.apply_updates(state.params[part], updates)
     ema = {part: ema_update(e, params[part], ema_decay) for part, e in state.ema_params.items()}
+    new_extra = state.extra if keep_extra else extra
+    loss_scale = state.loss_scale
+    if loss_scale is not None:
+        from research.train.grads import all_finite, keep_if
+
+        finite = all_finite(grads)
+        old = (state.params, state.opt_state, state.ema_params)
+        params, opt_state, ema = keep_if(finite, (params, opt_state, ema), old)
+        if jax.tree.structure(new_extra) == jax.tree.structure(state.extra):
+            new_extra = keep_if(finite, new_extra, state.extra)
+        loss_scale = loss_scale.adjust(finite)
     return state.replace(
         step=state.step + 1 if step_increment else state.step,
         params=params,
         opt_state=opt_state,
         ema_params=ema,
-        extra=state.extra if keep_extra else extra,
+        extra=new_extra,
+        loss_scale=loss_scale,
     )
