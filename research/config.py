@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
             null_label=False,  # an extra label embedding row (index num_classes) for classifier-free guidance
             norm_groups=32,
             norm_eps=1e-6,
-            dtype="float32",
+            dtype="float32",  # compute dtype: float32 | bfloat16 | float16 (parameters and optimizer stay float32)
+            remat="none",  # per-block rematerialisation: none | full | dots (research/models/layers.py)
         )
     )
 

@@ -83,6 +83,7 @@ class HalfUNet(nn.Module):
     norm_groups: int = 32
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
+    remat: str = "none"  # per-block rematerialisation of the shared encoder (research.models.layers.REMAT_POLICIES)
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, cond=None, *, train: bool = False):

@@ -38,7 +38,15 @@ import jax
 import jax.numpy as jnp
 
 from research.cond import as_cond, check_supported
-from research.models.layers import CrossAttention, GroupNorm, ResBlock, Upsample, default_init, zero_init
+from research.models.layers import (
+    CrossAttention,
+    GroupNorm,
+    ResBlock,
+    Upsample,
+    checkpointed,
+    default_init,
+    zero_init,
+)
 from research.models.unet import add_residuals, check_resolution
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -117,7 +125,7 @@ class SpatialTransformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, mask=None, *, train: bool = False):
+    def __call__(self, x, context, mask=None, train: bool = False):
         b, h, w, c = x.shape
 
         def proj(name, init):
@@ -161,6 +169,8 @@ class CondUNet(nn.Module):
       in_channels                  channels of x; 0 takes whatever x has, a positive value is checked.
       context_length               L of the example text the model is initialised / summarised with (77 = CLIP).
       dtype                        computation dtype (parameters and GroupNorm statistics stay float32).
+      remat                        none | full | dots: what each ResBlock / SpatialTransformer keeps for the
+                                   backward pass (layers.REMAT_POLICIES).
     """
 
     out_channels: int
@@ -180,6 +190,7 @@ class CondUNet(nn.Module):
     in_channels: int = 0
     context_length: int = 77
     dtype: Any = jnp.float32
+    remat: str = "none"  # per-block rematerialisation: none | full | dots (research.models.layers.REMAT_POLICIES)
 
     def level_settings(self) -> Tuple[Tuple, Tuple, Tuple]:
         """(cross_attention_levels, heads, transformer layers), one entry per level; ValueError if inconsistent."""
@@ -260,12 +271,13 @@ class CondBlocks:
 
     def res(self, ch: int, name: str):
         m = self.module
-        block = ResBlock(ch, m.dropout, norm_groups=m.norm_num_groups, norm_eps=m.norm_eps, dtype=m.dtype, name=name)
-        return lambda h: block(h, self.emb, train=self.train)
+        cls = checkpointed(ResBlock, getattr(m, "remat", "none"), static_argnums=(3,))
+        block = cls(ch, m.dropout, norm_groups=m.norm_num_groups, norm_eps=m.norm_eps, dtype=m.dtype, name=name)
+        return lambda h: block(h, self.emb, self.train)
 
     def transformer(self, level: int, name: str):
         m = self.module
-        block = SpatialTransformer(
+        block = checkpointed(SpatialTransformer, getattr(m, "remat", "none"), static_argnums=(4,))(
             self.heads[level],
             self.tf_layers[level],
             m.use_linear_projection,
@@ -274,7 +286,7 @@ class CondBlocks:
             dtype=m.dtype,
             name=name,
         )
-        return lambda h: block(h, self.context, self.mask, train=self.train)
+        return lambda h: block(h, self.context, self.mask, self.train)
 
 
 def cond_encoder(blocks: CondBlocks, x: jax.Array, hint_features: Optional[jax.Array] = None) -> tuple:

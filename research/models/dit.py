@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from research.cond import as_cond, check_supported
-from research.models.layers import attention, zero_init
+from research.models.layers import attention, checkpointed, zero_init
 
 # Xavier uniform, as torch.nn.init.xavier_uniform_ on every nn.Linear in the paper's code. On a Dense kernel
 # [in, out] flax's fans equal torch's on the transposed weight [out, in].
@@ -100,7 +100,7 @@ def dit_model_config(variant: str = "DiT-XL/2", **overrides) -> ml_collections.C
             num_classes=1000,  # 0: unconditional (no class embedding)
             null_label=True,  # the label table has a null row (label num_classes) for classifier-free guidance
             dtype="float32",  # compute dtype; parameters stay float32
-            remat=False,  # recompute each block's activations in the backward pass (less memory)
+            remat="none",  # per block: none | full (recompute activations in the backward pass) | dots
         )
     )
     for key, value in overrides.items():
@@ -262,7 +262,7 @@ class DiT(nn.Module):
     num_classes: int = 1000
     null_label: bool = True
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: Any = "none"  # none | full | dots (layers.REMAT_POLICIES); True / False mean full / none
 
     def __post_init__(self):
         # Fail when the module is built (validate_config does), not at the first trace.
@@ -298,7 +298,7 @@ class DiT(nn.Module):
             embed = nn.Embed(table, dim, embedding_init=small_normal_init, name="label_embed")
             c = c + embed(cond.label).astype(c.dtype)
 
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        block_cls = checkpointed(DiTBlock, self.remat)
         for i in range(depth):
             tokens = block_cls(heads, self.mlp_ratio, dtype=self.dtype, name=f"block{i}")(tokens, c)
         out = FinalLayer(p, self.out_channels, dtype=self.dtype, name="final")(tokens, c)

@@ -21,6 +21,36 @@ Dtype = Any
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 
+# Rematerialisation of each residual / attention / transformer block (model.remat): what the backward pass keeps.
+#   none  every activation is stored (fastest, most memory);
+#   full  only each block's inputs are stored; its activations are recomputed in the backward pass (about one
+#         extra forward pass of compute; activation memory falls to the block boundaries);
+#   dots  the outputs of matrix multiplications are stored and the cheap elementwise work (norms, activations,
+#         convolutions' epilogues) recomputed: jax.checkpoint_policies.dots_saveable.
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy_name(policy) -> str:
+    """model.remat as one of REMAT_POLICIES (True / False, as older DiT configs wrote it, are 'full' / 'none')."""
+    if policy is True:
+        return "full"
+    if policy is False or policy is None:
+        return "none"
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={policy!r}; choose one of {list(REMAT_POLICIES)}")
+    return policy
+
+
+def checkpointed(cls, policy, static_argnums=()):
+    """The block class `cls` under a rematerialisation policy (REMAT_POLICIES): cls itself for 'none'. Parameter
+    names and values do not change. static_argnums index the call's positional arguments, self being 0 (a Python
+    bool such as `train` must be static and passed positionally)."""
+    name = remat_policy_name(policy)
+    if name == "none":
+        return cls
+    saveable = jax.checkpoint_policies.dots_saveable if name == "dots" else None
+    return nn.remat(cls, policy=saveable, static_argnums=static_argnums)
+
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim].
@@ -127,7 +157,7 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, emb=None, *, train: bool):
+    def __call__(self, x, emb=None, train: bool = False):
         norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm1")(x))
         if self.resample != "none":

@@ -103,6 +103,10 @@ def build_model(model_config, *, out_channels: int):
         if cfg["dtype"] not in _DTYPES:
             raise ValueError(f"model.dtype={cfg['dtype']!r}; choose one of {sorted(_DTYPES)}")
         cfg["dtype"] = _DTYPES[cfg["dtype"]]
+    if "remat" in cfg:
+        from research.models.layers import remat_policy_name
+
+        cfg["remat"] = remat_policy_name(cfg["remat"])
     for key, value in cfg.items():
         if isinstance(value, list):
             cfg[key] = tuple(value)

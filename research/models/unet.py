@@ -20,6 +20,7 @@ from research.models.layers import (
     GroupNorm,
     ResBlock,
     Upsample,
+    checkpointed,
     default_init,
     timestep_embedding,
     zero_init,
@@ -65,6 +66,7 @@ class UNet(nn.Module):
     norm_groups: int = 32
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
+    remat: str = "none"  # per-block rematerialisation: none | full | dots (research.models.layers.REMAT_POLICIES)
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, cond=None, *, train: bool = False):
@@ -74,6 +76,7 @@ class UNet(nn.Module):
         emb = conditioned_embedding(self, t, cond)
         residuals = None if cond is None else cond.residuals
         res, attn = block_arguments(self)
+        Res, Attn = block_classes(self)
         h, skips = encoder(self, x, emb, train)
         if residuals is not None:
             skips, h = add_residuals(residuals, skips, h)
@@ -81,9 +84,9 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for block in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResBlock(self.ch * mult, name=f"up{level}_res{block}", **res)(h, emb, train=train)
+                h = Res(self.ch * mult, name=f"up{level}_res{block}", **res)(h, emb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttentionBlock(name=f"up{level}_attn{block}", **attn)(h)
+                    h = Attn(name=f"up{level}_attn{block}", **attn)(h)
             if level != 0:
                 h = resampler(self, "up", h.shape[-1], f"up{level}_up")(h, emb, train)
         assert not skips
@@ -137,13 +140,20 @@ def block_arguments(module) -> tuple:
     return res, attn
 
 
+def block_classes(module) -> tuple:
+    """(ResBlock, AttentionBlock) under the module's rematerialisation policy (model.remat; 'none' for modules
+    without the field). The ResBlock takes `train` as its third positional argument."""
+    policy = getattr(module, "remat", "none")
+    return checkpointed(ResBlock, policy, static_argnums=(3,)), checkpointed(AttentionBlock, policy)
+
+
 def resampler(module, direction: str, channels: int, name: str):
     """The block between levels, as a function (h, emb, train) -> h: a strided conv / nearest-neighbour upsampling
     (+ conv) (DDPM), or with module.resblock_updown a resampling ResBlock (ADM)."""
     if getattr(module, "resblock_updown", False):
         res, _ = block_arguments(module)
-        block = ResBlock(channels, resample=direction, name=name, **res)
-        return lambda h, emb, train: block(h, emb, train=train)
+        block = block_classes(module)[0](channels, resample=direction, name=name, **res)
+        return lambda h, emb, train: block(h, emb, train)
     cls = Downsample if direction == "down" else Upsample
     block = cls(channels, module.resamp_with_conv, dtype=module.dtype, name=name)
     return lambda h, emb, train: block(h)
@@ -155,6 +165,7 @@ def encoder(module, x: jax.Array, emb: jax.Array, train: bool, hint_features=Non
     ControlNet (which adds its encoded hint, hint_features, to the conv_in output) and the noise-aware classifier
     (research/models/classifier.py), whose encoder is this one."""
     res, attn = block_arguments(module)
+    Res, Attn = block_classes(module)
     h = nn.Conv(module.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=module.dtype, name="conv_in")(
         x.astype(module.dtype)
     )
@@ -163,16 +174,16 @@ def encoder(module, x: jax.Array, emb: jax.Array, train: bool, hint_features=Non
     skips = [h]
     for level, mult in enumerate(module.ch_mult):
         for block in range(module.num_res_blocks):
-            h = ResBlock(module.ch * mult, name=f"down{level}_res{block}", **res)(h, emb, train=train)
+            h = Res(module.ch * mult, name=f"down{level}_res{block}", **res)(h, emb, train)
             if h.shape[1] in module.attn_resolutions:
-                h = AttentionBlock(name=f"down{level}_attn{block}", **attn)(h)
+                h = Attn(name=f"down{level}_attn{block}", **attn)(h)
             skips.append(h)
         if level != len(module.ch_mult) - 1:
             h = resampler(module, "down", h.shape[-1], f"down{level}_down")(h, emb, train)
             skips.append(h)
-    h = ResBlock(h.shape[-1], name="mid_res0", **res)(h, emb, train=train)
-    h = AttentionBlock(name="mid_attn", **attn)(h)
-    h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, emb, train=train)
+    h = Res(h.shape[-1], name="mid_res0", **res)(h, emb, train)
+    h = Attn(name="mid_attn", **attn)(h)
+    h = Res(h.shape[-1], name="mid_res1", **res)(h, emb, train)
     return h, skips
 
 
