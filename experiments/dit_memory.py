@@ -1,4 +1,4 @@
-"""Memory of one DiT training step, with and without rematerialisation of the blocks.
+"""Memory of one DiT training step under each rematerialisation policy of the blocks (model.remat).
 
     PYTHONPATH=. python -m experiments.dit_memory [--variant DiT-XL/2] [--batch 256] [--dtype float32]
 
@@ -36,12 +36,12 @@ CONFIG = "configs/dit_xl2_imagenet256.py"
 GIB = 1024**3
 
 
-def _config(variant: str, batch: int, remat: bool, dtype: str):
+def _config(variant: str, batch: int, remat: str, dtype: str):
     return apply_overrides(
         get_config(CONFIG),
         [
             ("model.variant", variant),
-            ("model.remat", str(remat)),
+            ("model.remat", remat),
             ("model.dtype", dtype),
             ("train.batch_size", str(batch)),
         ],
@@ -56,7 +56,7 @@ def _abstract_batch(config, batch: int, sharding=None) -> dict:
     }
 
 
-def saved_activation_bytes(variant: str, batch: int, remat: bool, dtype: str) -> int:
+def saved_activation_bytes(variant: str, batch: int, remat: str, dtype: str) -> int:
     """Bytes of the residuals jax.vjp keeps from the forward pass of the training loss for the backward
     pass, not counting its arguments (parameters and batch), each residual counted once."""
     config = _config(variant, batch, remat, dtype)
@@ -73,7 +73,7 @@ def saved_activation_bytes(variant: str, batch: int, remat: bool, dtype: str) ->
     return sum(v.aval.size * v.aval.dtype.itemsize for v in residuals.values())
 
 
-def step_memory(variant: str, batch: int, remat: bool, dtype: str) -> dict:
+def step_memory(variant: str, batch: int, remat: str, dtype: str) -> dict:
     """memory_analysis() of the compiled training step, in bytes, plus the compile time in seconds."""
     config = _config(variant, batch, remat, dtype)
     trainer = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1]))
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     )
     print("| remat | state GiB | saved activations GiB | compiled temp GiB | compiled peak GiB | compile s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for remat in (False, True):
+    for remat in ("none", "full", "dots"):
         saved = saved_activation_bytes(args.variant, args.batch, remat, args.dtype)
         r = step_memory(args.variant, args.batch, remat, args.dtype)
         print(
