@@ -97,9 +97,9 @@ def cases(tiny: bool = False) -> List[Case]:
     return out
 
 
-def _sd_program(config, batch: int):
-    """(init(key) -> state, step(state, batch) -> (state, metrics), abstract batch) of SD's U-Net: eps loss on
-    latents with a text context, AdamW + EMA through the trainer's update (research.train.state)."""
+def sd_program(config, batch: int):
+    """(init(key) -> state, step(state, batch) -> (state, metrics), abstract batch) of SD's U-Net, not jitted: eps
+    loss on latents with a text context, AdamW + EMA through the trainer's update (research.train.state)."""
     import jax
     import jax.numpy as jnp
 
@@ -134,43 +134,63 @@ def _sd_program(config, batch: int):
         "image": jax.ShapeDtypeStruct((batch, height, width, channels), jnp.float32),
         "text": jax.ShapeDtypeStruct((batch, 77, int(config.model.cross_attention_dim)), jnp.float32),
     }
-    return jax.jit(init), jax.jit(step, donate_argnums=0), batch_arrays
+    return init, step, batch_arrays
 
 
-def _program(case: Case, remat: str):
-    """(init, jitted step, abstract batch) of a case with a remat policy."""
-    import jax
-    import jax.numpy as jnp
+def sd_config(case: Case, remat: str = "none"):
+    """configs/sd15.py as written (its autoencoder and text encoder runs are not needed: the U-Net sees the 64x64x4
+    latents of the 512px images) with the case's overrides."""
+    from research.config import apply_overrides, load_config_file
 
+    overrides = list(case.overrides) + [
+        ("model.dtype", case.dtype),
+        ("train.batch_size", str(case.batch)),
+    ]
+    config = apply_overrides(load_config_file(os.path.join(ROOT, case.config)), overrides)
+    with config.unlocked():
+        config.model.remat = remat
+    return config
+
+
+def trainer_config(case: Case, remat: str = "none", extra=()):
+    """The validated config of a 'trainer' case on synthetic data of the case's shape."""
     from research.tasks import get_config
-    from research.train import mesh as mesh_lib
-    from research.train.loop import build_trainer
 
     overrides = list(case.overrides) + [
         ("model.dtype", case.dtype),
         ("model.remat", remat),
         ("train.batch_size", str(case.batch)),
         ("train.progress", "false"),
+        ("data.name", "synthetic"),
+        *extra,
     ]
-    if case.kind == "sd":
-        # The config as written (its autoencoder and text encoder runs are not needed): the U-Net sees the latents
-        # of the 512px images, 64x64x4.
-        from research.config import apply_overrides, load_config_file
+    return get_config(os.path.join(ROOT, case.config), overrides)
 
-        config = apply_overrides(
-            load_config_file(os.path.join(ROOT, case.config)), [o for o in overrides if o[0] != "model.remat"]
-        )
-        with config.unlocked():
-            config.model.remat = remat
-        return _sd_program(config, case.batch)
-    config = get_config(os.path.join(ROOT, case.config), overrides + [("data.name", "synthetic")])
-    trainer = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1]))
+
+def image_batch(config, batch: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
     d = config.data
-    batch = {
-        "image": jax.ShapeDtypeStruct((case.batch, d.image_size, d.image_size, d.channels), jnp.float32),
-        "label": jax.ShapeDtypeStruct((case.batch,), jnp.int32),
+    return {
+        "image": jax.ShapeDtypeStruct((batch, d.image_size, d.image_size, d.channels), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
     }
-    return trainer.init, trainer.step, batch
+
+
+def _program(case: Case, remat: str):
+    """(init, jitted step, abstract batch) of a case with a remat policy, on one device."""
+    import jax
+
+    from research.train import mesh as mesh_lib
+    from research.train.loop import build_trainer
+
+    if case.kind == "sd":
+        init, step, batch = sd_program(sd_config(case, remat), case.batch)
+        return jax.jit(init), jax.jit(step, donate_argnums=0), batch
+    config = trainer_config(case, remat)
+    trainer = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1]))
+    return trainer.init, trainer.step, image_batch(config, case.batch)
 
 
 def _flops(compiled) -> float:

@@ -325,6 +325,23 @@ def test_zero_residuals_are_bit_identical(tiny_unet):
     np.testing.assert_array_equal(forward(params, Cond(residuals=zeros)), plain)
 
 
+def test_bfloat16_and_float16_forward_agree_with_float32(tiny_unet):
+    """Reduced-precision compute (model.dtype) on the same float32 parameters: within bfloat16's 8-bit mantissa
+    (float16's 11) of the float32 output; the output is float32 and the parameters stay float32."""
+    model, params, x, t = tiny_unet
+    ref = jax.jit(lambda p: model.apply({"params": p}, x, t))(params)
+    scale = float(jnp.abs(ref).max())
+    for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float16, 3e-3)):
+        low = model.clone(dtype=dtype)
+        out = jax.jit(lambda p, low=low: low.apply({"params": p}, x, t))(params)
+        assert out.dtype == jnp.float32
+        err = float(jnp.abs(out - ref).max()) / scale
+        assert err < tol, (dtype, err)
+        assert err > 1e-6  # the computation really ran in the lower precision
+        abstract = jax.eval_shape(lambda low=low: low.init(jax.random.PRNGKey(0), x, t))["params"]
+        assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(abstract))
+
+
 def test_residuals_shift_the_mid_output_and_the_skips(tiny_unet):
     from research.cond import Cond
 
