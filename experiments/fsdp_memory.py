@@ -48,7 +48,7 @@ def _compiled_sd(case, devices: int, batch: int):
     init, step, abstract_batch = sd_program(sd_config(case), batch)
     mesh = mesh_lib.make_mesh(1, jax.devices()[:devices])
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sh = mesh_lib.state_shardings(mesh, abstract, FSDP if devices > 1 else ())
+    state_sh = mesh_lib.state_shardings(mesh, abstract, ((".*", "fsdp"),) if devices > 1 else ())
     batch_sh = mesh_lib.batch_sharding(mesh)
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)

@@ -265,3 +265,25 @@ def test_rule_sharded_step_equals_single_device(tiny_config, single_device_run, 
     # training moved the parameters, so the comparison is not between two copies of the initialisation
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), init_state.params, state.params)
     assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_frozen_parts_follow_the_rules_under_their_own_prefix():
+    mesh = mesh_lib.make_mesh(1, jax.devices()[:8])
+    teacher = {"conv": {"kernel": jnp.zeros((3, 3, 16, 32)), "bias": jnp.zeros((32,))}}
+    cfg = apply_overrides(
+        _config_with_rules("(('^frozen/teacher/', 'fsdp'), ('.*', 'fsdp'))"), [("train.fsdp_min_size", "64")]
+    )
+    specs = jax.tree.map(lambda s: s.spec, mesh_lib.frozen_shardings(mesh, "teacher", teacher, cfg.train))
+    assert specs == {"conv": {"kernel": P(None, None, None, "data"), "bias": P()}}
+    # Only rules naming frozen/... reach frozen parts' paths; without one a frozen leaf is replicated, whatever
+    # the default of the state's leaves.
+    other = apply_overrides(_config_with_rules("(('^params/', 'fsdp'),)"), [("train.mesh_model", "2")])
+    mesh2 = mesh_lib.make_mesh(2, jax.devices()[:8])
+    specs = jax.tree.map(lambda s: s.spec, mesh_lib.frozen_shardings(mesh2, "base", teacher, other.train))
+    assert specs == {"conv": {"kernel": P(), "bias": P()}}
+
+
+def _config_with_rules(rules):
+    from tests.factories import make_tiny_config
+
+    return apply_overrides(make_tiny_config(), [("train.sharding_rules", rules)])

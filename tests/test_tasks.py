@@ -15,6 +15,7 @@ from research.train.loop import build_trainer, train
 from tests.factories import make_tiny_resume_configs
 
 CONFIGS = make_tiny_resume_configs()
+FROZEN_FSDP = [("train.sharding_rules", "(('^frozen/', 'fsdp'),)"), ("train.fsdp_min_size", "64")]
 
 
 def _rows(workdir):
@@ -53,7 +54,12 @@ def test_eight_device_step_equals_one_device_step(task):
     from research.data import make_train_iterator
 
     one = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:1]))
-    many = build_trainer(config, mesh_lib.make_mesh(1))
+    # Frozen parts (the ControlNet's base, a frozen text encoder, a teacher) sharded by rule over the 8 devices.
+    sharded = apply_overrides(config, FROZEN_FSDP)
+    many = build_trainer(sharded, mesh_lib.make_mesh(1))
+    if task == "controlnet":
+        base_sh = mesh_lib.frozen_shardings(many.mesh, "base", many.context["base_params"], sharded.train)
+        assert any("data" in s.spec for s in jax.tree.leaves(base_sh))
     it = make_train_iterator(config.data, global_batch_size=config.train.batch_size, seed=0)
     batches = [next(it) for _ in range(2)]
     states, losses = [], []

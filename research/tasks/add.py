@@ -284,7 +284,7 @@ def build_add_trainer(config, mesh):
         features_ref["sha256"] = params_digest(feature_net.params)
     meta["frozen"] = {"teacher": teacher_ref, "features": features_ref}
     frozen = {"teacher": teacher, "features": feature_net.params}
-    frozen_sh = jax.tree.map(lambda _: mesh_lib.replicated(mesh), frozen)
+    frozen_sh = {k: mesh_lib.frozen_shardings(mesh, k, v, config.train) for k, v in frozen.items()}
 
     def init(key):  # compiled by compile_trainer for its shardings; replaced below by one taking the teacher
         return make_state(teacher, jax.random.fold_in(key, 1))

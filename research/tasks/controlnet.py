@@ -323,7 +323,7 @@ class ControlNetTask(Task):
         )
         meta = model_meta(config, abstract)
         meta["frozen"] = {"base": reference}
-        base_sh = jax.tree.map(lambda _: mesh_lib.replicated(mesh), base_params)
+        base_sh = mesh_lib.frozen_shardings(mesh, "base", base_params, config.train)
         trainer = compile_trainer(config, mesh, control, abstract, init, step_fn, meta, step_extra_args=(base_sh,))
         on_mesh = jax.device_put(base_params, base_sh)
         init_program, step_program = trainer.init, trainer.step

@@ -542,7 +542,7 @@ class FewstepTask(Task):
                 return programs[r](state, batch)
         else:
             grid = consistency_grid(config, schedule)
-            frozen_sh = jax.tree.map(lambda _: mesh_lib.replicated(mesh), frozen)
+            frozen_sh = {k: mesh_lib.frozen_shardings(mesh, k, v, config.train) for k, v in frozen.items()}
             trainer = compile_trainer(
                 config,
                 mesh,

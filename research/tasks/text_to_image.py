@@ -303,7 +303,7 @@ class TextToImageTask(Task):
         if frozen:
             meta["frozen"] = frozen
         frozen_text = encoder.frozen_params if not encoder.trainable else {}
-        frozen_sh = jax.tree.map(lambda _: mesh_lib.replicated(mesh), frozen_text)
+        frozen_sh = mesh_lib.frozen_shardings(mesh, "text", frozen_text, config.train)
         trainer = compile_trainer(config, mesh, unet, abstract, init, step_fn, meta, step_extra_args=(frozen_sh,))
         program, frozen_on_mesh = trainer.step, jax.device_put(frozen_text, frozen_sh)
         trainer.step = lambda state, batch: program(state, batch, frozen_on_mesh)

@@ -27,6 +27,9 @@ moment falls through to a later rule. Rules:
     'fsdp+model:K'   both: axis K over 'model', then the largest other divisible axis over 'data' (as 'fsdp', with
                      its size threshold).
 
+Frozen parts held outside the state (a teacher, the ControlNet's base, a frozen text encoder) are matched as
+'frozen/<part>/<module path>' (frozen_shardings); a frozen leaf no rule names is replicated.
+
 Rank-0 leaves (step, Adam's count) are always replicated. A leaf that matches no rule keeps the default: its last axis
 is split over 'model' when train.mesh_model > 1 and divides it, otherwise it is replicated. With the default
 sharding_rules=() runs behave exactly as before these rules existed.
@@ -205,6 +208,27 @@ def state_shardings(mesh: Mesh, abstract_state, rules=(), fsdp_min_size: int = D
     """NamedSharding for every leaf of a (shape-only) state pytree, by train.sharding_rules (module docstring)."""
     specs = state_specs(abstract_state, mesh.shape["data"], mesh.shape["model"], rules, fsdp_min_size)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def frozen_shardings(mesh: Mesh, part: str, tree, train_config):
+    """NamedShardings of a frozen part (a teacher, the ControlNet's base, a text encoder) held outside the state.
+
+    train.sharding_rules are matched against 'frozen/<part>/<module path>' (e.g. frozen/base/down0_res0/conv1/kernel,
+    frozen/teacher/..., frozen/text/...), so (('^frozen/', 'fsdp'), ...) shards every frozen part over 'data' and
+    ('^frozen/teacher/', 'fsdp') only the teacher. A frozen leaf no rule names is replicated: frozen parts are read
+    by every device on every step, so splitting them only pays when they do not fit."""
+    parsed = check_rules(train_config.get("sharding_rules", ()))
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    min_size = train_config.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)
+
+    def spec(path, leaf):
+        name = f"frozen/{part}/{path_name(path)}"
+        rule = next((r for r in parsed if r.pattern.search(name)), None)
+        if rule is None:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, leaf_spec(getattr(leaf, "shape", ()), rule, data, model, min_size, name))
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 def state_shardings_from_config(mesh: Mesh, abstract_state, train_config):
