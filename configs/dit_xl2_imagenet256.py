@@ -40,7 +40,11 @@ IMAGE_SIZE = 256
 LATENT_DOWNSAMPLING = 8
 
 
-def get_config() -> ConfigDict:
+def get_config(variant: str = "paper") -> ConfigDict:
+    """variant 'paper' (the recipe above) or 'fsdp' (the same, sharded over every device in bfloat16 with
+    rematerialised blocks: research/train/mesh.py, README "Scale")."""
+    if variant not in ("paper", "fsdp"):
+        raise ValueError(f"unknown variant {variant!r}: use 'paper' or 'fsdp'")
     c = base_config()
     c.data.name = "tfds"
     c.data.tfds_name = "imagenet2012"
@@ -83,4 +87,8 @@ def get_config() -> ConfigDict:
     c.sample.sampler = "ddpm"
     c.sample.steps = "250"
     c.sample.clip_x0 = False
+    if variant == "fsdp":
+        c.train.sharding_rules = ((".*", "fsdp"),)  # frozen parts included: their paths are frozen/<part>/...
+        c.model.dtype = "bfloat16"
+        c.model.remat = "full"
     return c

@@ -26,8 +26,18 @@ from research.models.cond_unet import stable_diffusion_unet
 AUTOENCODER_CHECKPOINT = "runs/autoencoder_sd"
 
 
-def get_config() -> ConfigDict:
-    return stable_diffusion("1", image_size=512, prediction="eps", num_steps=595_000)
+def get_config(variant: str = "paper") -> ConfigDict:
+    """variant 'paper' (the recipe above) or 'fsdp' (the same sharded over every device, frozen text encoder and
+    autoencoder included, bfloat16 compute, rematerialised blocks: README "Scale")."""
+    if variant not in ("paper", "fsdp"):
+        raise ValueError(f"unknown variant {variant!r}: use 'paper' or 'fsdp'")
+    c = stable_diffusion("1", image_size=512, prediction="eps", num_steps=595_000)
+    if variant == "fsdp":
+        c.train.sharding_rules = ((".*", "fsdp"),)
+        c.model.dtype = "bfloat16"
+        with c.unlocked():
+            c.model.remat = "full"
+    return c
 
 
 def stable_diffusion(version: str, *, image_size: int, prediction: str, num_steps: int) -> ConfigDict:

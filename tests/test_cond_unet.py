@@ -110,7 +110,8 @@ def _apply(fields, params, x, t, cond):
 
 
 @pytest.mark.parametrize(
-    "path, expected", [("sd15.py", 859_520_964), ("sd21.py", 865_910_724), ("sd21.py:base", 865_910_724)]
+    "path, expected",
+    [("sd15.py", 859_520_964), ("sd15.py:fsdp", 859_520_964), ("sd21.py", 865_910_724), ("sd21.py:base", 865_910_724)],
 )
 def test_stable_diffusion_parameter_counts(path, expected):
     """The count `python -m research.summary --config configs/sd15.py` prints (the config validated by the
