@@ -81,7 +81,11 @@ def initialize(**cluster) -> bool:
         return False
     import jax
 
-    # Only the CPU backend reads this; GPUs and TPUs use their own interconnect.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Only the CPU backend reads this; GPUs and TPUs use their own interconnect. (A jax without the option
+    # has no CPU collectives to choose.)
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):
+        pass
     jax.distributed.initialize(**kwargs)
     return True
