@@ -416,9 +416,11 @@ def latent_cache(
     return LatentCacheSource(directory)
 
 
-def make_latent_fn(ae: Autoencoder, *, cached: bool, seed: int, out_sharding=None):
+def make_latent_fn(ae: Autoencoder, *, cached: bool, seed: int, out_sharding=None, train_config=None):
     """(batch['image'], step) -> scaled latents z ~ q(z|x), the key depending only on (seed, step) so a resumed
-    run draws the same latents. cached: the image is the cache's [mean | std]; otherwise pixels, encoded here."""
+    run draws the same latents. cached: the image is the cache's [mean | std]; otherwise pixels, encoded here.
+    The frozen autoencoder's parameters are placed on the batch's mesh by train_config's sharding rules (as
+    frozen/autoencoder/...; replicated when no rule names them, or without a train_config)."""
     base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x1A7E)
     model, scale, shift = ae.model, ae.scale, ae.shift
 
@@ -434,8 +436,9 @@ def make_latent_fn(ae: Autoencoder, *, cached: bool, seed: int, out_sharding=Non
         return lambda images, step: fn(images, jax.random.fold_in(base, step))
     fn = jax.jit(from_pixels, out_shardings=out_sharding)
     params = ae.params
-    if out_sharding is not None:  # the frozen autoencoder is replicated over the batch's mesh
-        from jax.sharding import NamedSharding, PartitionSpec
+    if out_sharding is not None:
+        from research.train.mesh import frozen_shardings
 
-        params = jax.device_put(params, NamedSharding(out_sharding.mesh, PartitionSpec()))
+        rules = train_config if train_config is not None else {}
+        params = jax.device_put(params, frozen_shardings(out_sharding.mesh, "autoencoder", params, rules))
     return lambda images, step: fn(params, images, jax.random.fold_in(base, step))

@@ -191,6 +191,7 @@ class DiffusionTask(Task):
             cached=bool(config.latent.cache),
             seed=config.seed,
             out_sharding=trainer.batch_sharding,
+            train_config=config.train,
         )
 
         def prepare(batch, step):

@@ -322,6 +322,7 @@ class TextToImageTask(Task):
                 cached=bool(config.latent.cache),
                 seed=config.seed,
                 out_sharding=trainer.batch_sharding,
+                train_config=config.train,
             )
         tokenizer = _tokenizer(config) if source_captions(config) else None
         if to_latents is None and tokenizer is None:
