@@ -174,3 +174,23 @@ def test_cross_attention_matches_diffusers_attention(cross):
         bias = torch.from_numpy((~mask).astype(np.float32) * -10000.0)[:, None, :]
         ref = theirs(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(context), attention_mask=bias)
     np.testing.assert_allclose(np.asarray(forward(params, x, context, mask)), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_is_chosen_only_where_cudnn_takes_it():
+    from research.models.layers import attention_implementation
+
+    assert attention_implementation(jnp.bfloat16, 64, "gpu") == "cudnn"
+    assert attention_implementation(jnp.float16, 128, "cuda") == "cudnn"
+    assert attention_implementation(jnp.float32, 64, "gpu") == "xla"  # no fused float32 kernel
+    assert attention_implementation(jnp.bfloat16, 160, "gpu") == "xla"  # head too large
+    assert attention_implementation(jnp.bfloat16, 36, "gpu") == "xla"  # not a multiple of 8
+    assert attention_implementation(jnp.bfloat16, 64, "gpu", masked=True) == "xla"  # padding masks: XLA
+    assert attention_implementation(jnp.bfloat16, 64, "cpu") == "xla"
+    assert attention_implementation(jnp.bfloat16, 64, "tpu") == "xla"
+
+
+def test_float16_attention_on_cpu_matches_float32():
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 2, 8)) for i in range(3))
+    out16 = attention(q, k, v, dtype=jnp.float16)
+    assert out16.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(out16, np.float32), attention(q, k, v), atol=3e-3)

@@ -25,8 +25,9 @@ zero_init = nn.initializers.zeros
 #   none  every activation is stored (fastest, most memory);
 #   full  only each block's inputs are stored; its activations are recomputed in the backward pass (about one
 #         extra forward pass of compute; activation memory falls to the block boundaries);
-#   dots  the outputs of matrix multiplications are stored and the cheap elementwise work (norms, activations,
-#         convolutions' epilogues) recomputed: jax.checkpoint_policies.dots_saveable.
+#   dots  the outputs of matrix multiplications (dot_general: Dense layers, attention) are stored; convolutions and
+#         elementwise work (norms, activations) are recomputed: jax.checkpoint_policies.dots_saveable. Close to
+#         'none' for DiT, close to 'full' for the convolutional U-Nets.
 REMAT_POLICIES = ("none", "full", "dots")
 
 
