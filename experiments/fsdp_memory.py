@@ -20,7 +20,7 @@ import sys
 import time
 
 GIB = 1024**3
-FSDP = "(('.*', 'fsdp'),)"
+FSDP = ((".*", "fsdp"),)  # train.sharding_rules of the N-device runs
 
 
 def _compiled_trainer(case, devices: int, batch: int):
@@ -30,7 +30,7 @@ def _compiled_trainer(case, devices: int, batch: int):
     from research.train import mesh as mesh_lib
     from research.train.loop import build_trainer
 
-    rules = [("train.sharding_rules", FSDP)] if devices > 1 else []
+    rules = [("train.sharding_rules", repr(FSDP))] if devices > 1 else []
     config = trainer_config(case, "none", [("train.num_devices", str(devices)), *rules])
     trainer = build_trainer(config, mesh_lib.make_mesh(1, jax.devices()[:devices]))
     abstract = image_batch(config, batch)
@@ -48,7 +48,7 @@ def _compiled_sd(case, devices: int, batch: int):
     init, step, abstract_batch = sd_program(sd_config(case), batch)
     mesh = mesh_lib.make_mesh(1, jax.devices()[:devices])
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sh = mesh_lib.state_shardings(mesh, abstract, ((".*", "fsdp"),) if devices > 1 else ())
+    state_sh = mesh_lib.state_shardings(mesh, abstract, FSDP if devices > 1 else ())
     batch_sh = mesh_lib.batch_sharding(mesh)
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)

@@ -463,7 +463,7 @@ _CHOICES = {
     "clip.loss": ("clip", "siglip"),
     "sample.sampler": ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "unipc"),  # = diffusion.samplers.SAMPLERS
     "sample.grid": ("uniform", "logsnr", "karras"),
-    "train.loss_scale": ("auto", "dynamic", "off"),  # = research.train.grads.LOSS_SCALE_CHOICES
+    "train.loss_scale": ("auto", "dynamic", "off"),  # research/train/grads.py
 }
 
 

@@ -260,6 +260,9 @@ class CondBlocks:
             raise ValueError(f"x has {x.shape[-1]} channels but model.in_channels={module.in_channels}")
         check_resolution(x.shape[1:3], len(module.block_out_channels))
         self.module, self.train = module, train
+        policy = getattr(module, "remat", "none")
+        self.res_cls = checkpointed(ResBlock, policy, static_argnums=(3,))  # train is positional argument 3
+        self.transformer_cls = checkpointed(SpatialTransformer, policy, static_argnums=(4,))
         self.cross, self.heads, self.tf_layers = module.level_settings()
         self.context = context.astype(module.dtype)
         self.mask = None if cond.text_mask is None else jnp.asarray(cond.text_mask, bool)
@@ -271,13 +274,14 @@ class CondBlocks:
 
     def res(self, ch: int, name: str):
         m = self.module
-        cls = checkpointed(ResBlock, getattr(m, "remat", "none"), static_argnums=(3,))
-        block = cls(ch, m.dropout, norm_groups=m.norm_num_groups, norm_eps=m.norm_eps, dtype=m.dtype, name=name)
+        block = self.res_cls(
+            ch, m.dropout, norm_groups=m.norm_num_groups, norm_eps=m.norm_eps, dtype=m.dtype, name=name
+        )
         return lambda h: block(h, self.emb, self.train)
 
     def transformer(self, level: int, name: str):
         m = self.module
-        block = checkpointed(SpatialTransformer, getattr(m, "remat", "none"), static_argnums=(4,))(
+        block = self.transformer_cls(
             self.heads[level],
             self.tf_layers[level],
             m.use_linear_projection,

@@ -23,7 +23,6 @@ import flax
 import jax
 import jax.numpy as jnp
 
-LOSS_SCALE_CHOICES = ("auto", "dynamic", "off")
 INITIAL_LOSS_SCALE = 2.0**15
 LOSS_SCALE_PERIOD = 2000
 
