@@ -256,7 +256,7 @@ def bench_model(name: str, args) -> dict:
                 times[(w, "sample")].append(workers[w].time("sample"))
         print(
             f"  {name} rep {rep + 1}/{args.reps}: "
-            + ", ".join(f"{w} {what} {v[-1]:.2f}s" for (w, what), v in times.items()),
+            + ", ".join(f"{w} {what} {v[-1]:.2f}s" for (w, what), v in times.items() if v),
             file=sys.stderr,
             flush=True,
         )
@@ -270,6 +270,10 @@ def bench_model(name: str, args) -> dict:
         "compile": workers["ours"].info["compile_s"],
         "torch_threads": workers["torch"].info["threads"],
     }
+
+
+def _fmt(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: not measured (--no-sample)
 
 
 def format_table(results, args) -> str:
@@ -286,8 +290,8 @@ def format_table(results, args) -> str:
             f"| {m[('torch', 'train')] / m[('ours', 'train')]:.2f} "
             f"| {m[('torch', 'first')] / m[('ours', 'first')]:.2f} "
             f"| {args.sample_batch_of(r['model'])} "
-            f"| {m[('ours', 'sample')]:.2f} | {m[('torch', 'sample')]:.2f} "
-            f"| {m[('torch', 'sample')] / m[('ours', 'sample')]:.2f} "
+            f"| {_fmt(m[('ours', 'sample')])} | {_fmt(m[('torch', 'sample')])} "
+            f"| {_fmt(m[('torch', 'sample')] / m[('ours', 'sample')])} "
             f"| {r['compile']['train']:.0f} / {r['compile']['sample']:.0f} |"
         )
     load = os.getloadavg()
