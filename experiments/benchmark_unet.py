@@ -13,8 +13,8 @@ alternates which goes first in each repetition, so machine noise hits both alike
 Columns:
     step/s         steady optimiser steps per second (loss, backward, Adam; dropout on), batch --train-batch:
                    each framework runs --steps consecutive steps per rep; steps 2..n are the steady ones
-    first-step     the ratio for the first of those steps, which follows the other framework's turn and pays for
-                   cold caches and thread pools (ours far more than torch's)
+    first-step     the ratio for the first of those steps, which follows the other framework's turn; ours is
+                   1-2 s slower there (idle time alone does not cause it; the cause is not known)
     ddim50 s       seconds for one full 50-step DDIM sampling run of --sample-batch images
     ratio          torch time / our time: > 1 means we are faster
 Compile time of our jitted train step and sampler is excluded from the medians and printed separately.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -247,8 +248,8 @@ def bench_model(name: str, args) -> dict:
     order = list(workers)
     for rep in range(args.reps):
         for w in order if rep % 2 == 0 else order[::-1]:
-            # Consecutive steps: the first one after the other framework ran pays for caches and thread pools
-            # that went cold ("first"); the following ones are steady training ("train").
+            # Consecutive steps: the first one after the other framework ran is reported apart ("first");
+            # the following ones are steady training ("train").
             times[(w, "first")].append(workers[w].time("train"))
             times[(w, "train")].extend(workers[w].time("train") for _ in range(args.steps - 1))
         if not args.no_sample:
@@ -273,7 +274,7 @@ def bench_model(name: str, args) -> dict:
 
 
 def _fmt(value: float) -> str:
-    return "-" if value != value else f"{value:.2f}"  # NaN: not measured (--no-sample)
+    return "-" if math.isnan(value) else f"{value:.2f}"  # NaN: not measured (--no-sample)
 
 
 def format_table(results, args) -> str:

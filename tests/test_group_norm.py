@@ -26,7 +26,7 @@ def _setup(shape, seed=0, mean=0.0):
     return x, scale, bias
 
 
-def _apply(x, scale, bias, groups, eps=1e-6, dtype=jnp.float32):
+def _module(scale, bias, groups, eps=1e-6, dtype=jnp.float32):
     module = GroupNorm(groups, eps, dtype=dtype)
     params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
     return module, params
@@ -35,7 +35,7 @@ def _apply(x, scale, bias, groups, eps=1e-6, dtype=jnp.float32):
 @pytest.mark.parametrize("shape,groups", [((3, 6, 5, 64), 32), ((2, 7, 24), 8), ((2, 4, 4, 16), 32)])
 def test_group_norm_forward_equals_torch(shape, groups):
     x, scale, bias = _setup(shape)
-    module, params = _apply(x, scale, bias, groups)
+    module, params = _module(scale, bias, groups)
     ours = module.apply({"params": params}, jnp.asarray(x))
     ref = _torch_group_norm(x, scale, bias, min(groups, shape[-1]), 1e-6).numpy()
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=2e-5)
@@ -45,7 +45,7 @@ def test_group_norm_gradients_equal_torch_autograd():
     shape, groups = (2, 5, 6, 32), 8
     x, scale, bias = _setup(shape, seed=1)
     dy = np.random.default_rng(2).standard_normal(shape)
-    module, params = _apply(x, scale, bias, groups)
+    module, params = _module(scale, bias, groups)
 
     def f(x, p):
         return jnp.sum(module.apply({"params": p}, x) * jnp.asarray(dy, jnp.float32))
@@ -65,7 +65,7 @@ def test_group_norm_is_accurate_far_from_zero_mean():
     """Mean 1e3, std 2: E[x^2] - E[x]^2 in float32 loses about 6 of its 7 digits here; the two-pass form does not."""
     shape, groups = (2, 8, 8, 32), 8
     x, scale, bias = _setup(shape, seed=3, mean=1e3)
-    module, params = _apply(x, scale, bias, groups)
+    module, params = _module(scale, bias, groups)
     ours = np.asarray(module.apply({"params": params}, jnp.asarray(x)))
     ref = _torch_group_norm(x, scale, bias, groups, 1e-6).numpy()
     np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-4)
@@ -78,7 +78,7 @@ def test_group_norm_is_accurate_far_from_zero_mean():
 def test_group_norm_output_dtype_and_statistics_in_float32():
     shape, groups = (2, 4, 4, 64), 32
     x, scale, bias = _setup(shape, seed=4)
-    module, params = _apply(x, scale, bias, groups, dtype=jnp.bfloat16)
+    module, params = _module(scale, bias, groups, dtype=jnp.bfloat16)
     out = module.apply({"params": params}, jnp.asarray(x, jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     ref = _torch_group_norm(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64), scale, bias, groups, 1e-6).numpy()
