@@ -3,6 +3,9 @@ fewstep.method='add'. Minutes on two CPU cores.
 
     --config configs/add_digits.py            the discriminator reads the digits domain classifier's features
     --config configs/add_digits.py:teacher    ... the teacher U-Net's own encoder features (latent ADD's choice)
+    --config configs/add_digits.py:classifier-l0      suffixes change one setting: -l<lambda> the distillation
+    --config configs/add_digits.py:classifier-noadv   weight (default 2.5), -noadv no adversarial term
+                                                       (experiments/add_ablation.py sweeps these)
 
 The teacher is the v-parameterised quickstart model in runs/quickstart_v (train it first:
 python -m research.train --config configs/quickstart.py --config.diffusion.prediction=v --workdir runs/quickstart_v).
@@ -22,21 +25,44 @@ import os
 from research.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("classifier", "teacher")
+FEATURES = ("classifier", "teacher")
+
+
+def _parse(variant: str):
+    """'<features>[-l<lambda>][-noadv]' -> (features, distillation weight, adversarial weight)."""
+    features, *mods = variant.split("-")
+    distill, adversarial = 2.5, 1.0
+    kinds = ["noadv" if mod == "noadv" else "l" for mod in mods]
+    error = features not in FEATURES or len(set(kinds)) != len(kinds)
+    for mod in mods:
+        if mod == "noadv":
+            adversarial = 0.0
+            continue
+        try:
+            distill = float(mod[1:]) if mod.startswith("l") else float("nan")
+        except ValueError:
+            distill = float("nan")
+        error |= not 0.0 <= distill < float("inf")
+    if error:
+        raise ValueError(
+            f"unknown variant {variant!r}: use <features>[-l<lambda>][-noadv] with features in {list(FEATURES)}, "
+            "e.g. classifier, teacher, classifier-l0, classifier-noadv"
+        )
+    return features, distill, adversarial
 
 
 def get_config(variant: str = "classifier"):
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: use one of {list(VARIANTS)}")
+    features, distill_weight, adversarial_weight = _parse(variant)
     c = load_config_file(os.path.join(HERE, "quickstart.py"))
     c.diffusion.prediction = "v"
     c.task = "fewstep"
     c.fewstep.method = "add"
     c.fewstep.teacher_workdir = "runs/quickstart_v"
     c.fewstep.sample_steps = 1
-    c.add.features = variant
+    c.add.features = features
     c.add.student_timesteps = 4
-    c.add.distill_weight = 2.5
+    c.add.distill_weight = distill_weight
+    c.add.adversarial_weight = adversarial_weight
     c.add.disc_lr = 1e-3
     c.add.r1_gamma = 0.1
     c.optim.lr = 1e-4

@@ -15,7 +15,9 @@ SCHEDULES = ("linear", "cosine")
 LOSSES = ("simple", "hybrid", "vlb")
 
 
-def get_config(variant: str = "cosine-hybrid"):
+def set_objective(c, variant: str):
+    """Set the diffusion schedule, loss, variance and t-sampling of config `c` from `<schedule>-<loss>[-fixedlarge]`
+    (shared with configs/iddpm_digits.py)."""
     parts = variant.split("-")
     if (
         len(parts) not in (2, 3)
@@ -28,6 +30,17 @@ def get_config(variant: str = "cosine-hybrid"):
             f"{SCHEDULES} and loss in {LOSSES}"
         )
     schedule, loss = parts[0], parts[1]
+    c.diffusion.schedule = schedule
+    c.diffusion.timesteps = 1000
+    c.diffusion.loss = loss
+    c.diffusion.var_type = (
+        "learned_range" if loss in ("hybrid", "vlb") else ("fixed_large" if len(parts) == 3 else "fixed_small")
+    )
+    c.diffusion.t_sampling = "importance" if loss == "vlb" else "uniform"
+    return c
+
+
+def get_config(variant: str = "cosine-hybrid"):
     c = base_config()
     c.data.name = "mnist"
     c.data.image_size = 28
@@ -42,13 +55,7 @@ def get_config(variant: str = "cosine-hybrid"):
     c.model.dropout = 0.0
     c.model.norm_groups = 16
 
-    c.diffusion.schedule = schedule
-    c.diffusion.timesteps = 1000
-    c.diffusion.loss = loss
-    c.diffusion.var_type = (
-        "learned_range" if loss in ("hybrid", "vlb") else ("fixed_large" if len(parts) == 3 else "fixed_small")
-    )
-    c.diffusion.t_sampling = "importance" if loss == "vlb" else "uniform"
+    set_objective(c, variant)
 
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100

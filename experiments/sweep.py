@@ -23,7 +23,8 @@ Keys:
 Evaluations (--eval): `fid_domain` (domain-classifier FID of eval.num samples against the training split, plus
 the classifier score and, for class-conditional runs, the classifier's accuracy on the requested classes), `bpd`
 (the variational bound on eval.bpd_num test images, respaced to eval.steps when given), `loss` (the mean training
-loss over the last 10% of logged steps).
+loss over the last 10% of logged steps), `log.KEY` (the same for any scalar the trainer logs, e.g.
+`log.d_accuracy`, ADD's discriminator accuracy).
 
 Layout of DIR: sweep.json (the base config and training overrides: a rerun with another --config or with other
 non-eval --set values is refused; the grid, seeds and eval.* options may change), runs/CELL/ (one training
@@ -241,20 +242,26 @@ def eval_bpd(workdir: str, options: dict, seed: int, step: int) -> dict:
     return {"bpd": result["bpd"]}
 
 
-def eval_loss(workdir: str, options: dict, seed: int, step: int) -> dict:
+def eval_logged(workdir: str, key: str, step: int) -> float:
+    """The mean of a scalar the trainer logged to metrics.jsonl (`loss`, `d_accuracy`, ...) over the last 10% of
+    its logged steps up to `step`."""
     by_step = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
-            if "loss" in row and "step" in row:
-                by_step[int(row["step"])] = float(row["loss"])  # a resumed run logs steps again: keep the last
+            if key in row and "step" in row:
+                by_step[int(row["step"])] = float(row[key])  # a resumed run logs steps again: keep the last
     if not by_step:
-        raise SweepError(f"{workdir}/metrics.jsonl has no logged loss")
+        raise SweepError(f"{workdir}/metrics.jsonl has no logged {key!r}")
     steps = [s for s in sorted(by_step) if s <= step]
     if not steps:
-        raise SweepError(f"{workdir}/metrics.jsonl has no logged loss up to step {step}")
+        raise SweepError(f"{workdir}/metrics.jsonl has no logged {key!r} up to step {step}")
     tail = steps[-max(1, len(steps) // 10) :]
-    return {"loss": sum(by_step[s] for s in tail) / len(tail)}
+    return sum(by_step[s] for s in tail) / len(tail)
+
+
+def eval_loss(workdir: str, options: dict, seed: int, step: int) -> dict:
+    return {"loss": eval_logged(workdir, "loss", step)}
 
 
 # name -> (function, the options its result depends on)
@@ -263,10 +270,19 @@ EVALUATORS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
     "bpd": (eval_bpd, ("steps", "bpd_num")),
     "loss": (eval_loss, ()),
 }
+LOGGED_PREFIX = "log."  # --eval log.KEY: any scalar of metrics.jsonl, as `loss`
+
+
+def evaluator(name: str) -> Optional[Tuple[Callable, Tuple[str, ...]]]:
+    """(function, the options its result depends on) of an --eval name; None when unknown."""
+    if name.startswith(LOGGED_PREFIX) and len(name) > len(LOGGED_PREFIX):
+        key = name[len(LOGGED_PREFIX) :]
+        return (lambda workdir, options, seed, step: {key: eval_logged(workdir, key, step)}), ()
+    return EVALUATORS.get(name)
 
 
 def _eval_key(name: str, options: dict, step: int, seed: int) -> str:
-    used = {k: options[k] for k in EVALUATORS[name][1]}
+    used = {k: options[k] for k in evaluator(name)[1]}
     text = json.dumps(used, sort_keys=True)
     readable = "_".join(f"{k}{v}" for k, v in used.items() if v is not None)
     return _safe(f"{name}_step{step}_seed{seed}_{readable}_{hashlib.sha256(text.encode()).hexdigest()[:8]}")
@@ -317,9 +333,9 @@ def run_sweep(
     from research.run import checkpoint_steps
     from research.train.loop import train
 
-    unknown = [e for e in evals if e not in EVALUATORS]
+    unknown = [e for e in evals if evaluator(e) is None]
     if unknown or not evals:
-        raise SweepError(f"--eval {','.join(evals)}: choose from {list(EVALUATORS)}")
+        raise SweepError(f"--eval {','.join(evals)}: choose from {list(EVALUATORS)} or log.KEY")
     cells = plan_cells(config_arg, grids, sets, seeds)
     path = config_arg.partition(":")[0]
     spec = {"config": config_arg, "grid": list(grids), "set": list(sets), "seeds": list(seeds), "eval": list(evals)}
@@ -337,7 +353,7 @@ def run_sweep(
 
             def compute(name=name):
                 announce(f"{where} {name} of {cell.train_name} {_options_text(cell)}")
-                return {"metrics": EVALUATORS[name][0](workdir, options, cell.seed, step)}
+                return {"metrics": evaluator(name)[0](workdir, options, cell.seed, step)}
 
             cache = os.path.join(workdir, "sweep", _eval_key(name, options, step, cell.seed) + ".json")
             value = _cached(cache, compute)

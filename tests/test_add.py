@@ -260,3 +260,27 @@ def test_add_configs_are_the_paper_recipe_and_validate(path):
     bad.fewstep.sample_steps = 5
     with pytest.raises(Exception, match="sample_steps=5"):
         validate_config(bad)
+
+
+@pytest.mark.parametrize(
+    "variant,features,distill,adversarial",
+    [
+        ("classifier-l0", "classifier", 0.0, 1.0),
+        ("teacher-l5", "teacher", 5.0, 1.0),
+        ("classifier-noadv", "classifier", 2.5, 0.0),
+        ("classifier-l1-noadv", "classifier", 1.0, 0.0),
+    ],
+)
+def test_add_digits_ablation_variants(variant, features, distill, adversarial):
+    from research.config import load_config_file
+
+    c = load_config_file("configs/add_digits.py:" + variant)
+    assert (c.add.features, c.add.distill_weight, c.add.adversarial_weight) == (features, distill, adversarial)
+
+
+@pytest.mark.parametrize("variant", ["pixels", "classifier-lx", "classifier-l-1", "classifier-linf", "teacher-l1-l2"])
+def test_add_digits_unknown_variant_is_named(variant):
+    from research.config import load_config_file
+
+    with pytest.raises(Exception, match=f"unknown variant '{variant}'"):
+        load_config_file("configs/add_digits.py:" + variant)

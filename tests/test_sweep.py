@@ -177,3 +177,64 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, config_file, monkeypat
     assert curve[4] == pytest.approx(logged[4], rel=1e-5)
     assert curve[8] == pytest.approx(float(table[3]["loss mean"]), rel=1e-5)
     assert (tmp_path / "b" / "lr_curve_loss.png").exists()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("variant", ["linear-simple", "cosine-hybrid"])
+def test_iddpm_digits_is_the_quickstart_recipe_with_the_variants_objective(variant):
+    from research.tasks import get_config
+
+    digits = get_config(os.path.join(ROOT, "configs/iddpm_digits.py") + ":" + variant)
+    quick = get_config(os.path.join(ROOT, "configs/quickstart.py"))
+    mnist = get_config(os.path.join(ROOT, "configs/iddpm_mnist.py") + ":" + variant)
+    assert digits.data == quick.data and digits.model == quick.model
+    assert (digits.optim.lr, digits.train.num_steps, digits.train.ema_decay) == (1e-3, 2000, 0.995)
+    assert digits.optim.grad_clip == 1.0
+    assert digits.diffusion == mnist.diffusion  # only the objective differs between variants
+
+
+def test_iddpm_ablation_is_a_sweep_preset(tmp_path, capsys):
+    from experiments import iddpm_ablation
+
+    out = str(tmp_path / "abl")
+    assert iddpm_ablation.main(["--dry-run", "--seeds", "0,1", "--eval-steps", "25,1000", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    command = printed.splitlines()[0]
+    assert command.startswith("python -m experiments.sweep --config configs/iddpm_digits.py")
+    assert "variant=linear-simple,linear-hybrid,cosine-simple,cosine-hybrid" in command
+    assert "16 cells, 8 training runs:" in printed  # 4 variants x 2 seeds, x 2 step counts for bits/dim
+    assert "variant=cosine-hybrid+seed=1  eval.steps=1000" in printed
+    with pytest.raises(SystemExit):
+        iddpm_ablation.main(["--eval-num", "0", "--dry-run", "--out", out])
+
+
+def test_logged_scalars_are_evaluations(tmp_path):
+    rows = [{"step": s, "loss": 1.0 / s, "d_accuracy": s / 1000} for s in range(10, 201, 10)]
+    rows.append({"step": 200, "d_accuracy": 0.9})  # a resumed run logs a step again: the last one counts
+    rows.append({"step": 200, "fid": 3.0})  # rows without the key are skipped
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fn, depends_on = sweep.evaluator("log.d_accuracy")
+    assert depends_on == ()
+    # the last 10% of the logged steps up to the evaluated checkpoint: 2 of 20, then 1 of 10
+    assert fn(str(tmp_path), {}, 0, 200) == {"d_accuracy": pytest.approx((0.19 + 0.9) / 2)}
+    assert fn(str(tmp_path), {}, 0, 100) == {"d_accuracy": pytest.approx(0.1)}
+    assert sweep.eval_loss(str(tmp_path), {}, 0, 200) == {"loss": pytest.approx((1 / 190 + 1 / 200) / 2)}
+    assert sweep.evaluator("log.") is None and sweep.evaluator("nope") is None
+    with pytest.raises(sweep.SweepError, match="no logged 'r1'"):
+        sweep.evaluator("log.r1")[0](str(tmp_path), {}, 0, 200)
+    with pytest.raises(sweep.SweepError, match="choose from"):
+        sweep.run_sweep("unused.py", [], [], [0], ["fid_domain", "d_accuracy"], str(tmp_path / "out"))
+
+
+def test_add_ablation_is_a_sweep_preset(capsys):
+    from experiments import add_ablation
+
+    assert add_ablation.main(["--dry-run", "--seeds", "0,1", "--steps", "1,4", "--curve", "classifier-l0"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 cells, 12 training runs:" in printed  # 6 variants x 2 seeds, x 2 student step counts
+    assert "variant=classifier-noadv+seed=1  eval.steps=4" in printed
+    assert "2 cells, 1 training runs:" in printed  # the learning curve: one variant, the first seed
+    assert add_ablation.main(["--dry-run", "--only", "classifier,lambda9"]) == 2
+    assert "unknown variants ['lambda9']" in capsys.readouterr().err
