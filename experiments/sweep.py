@@ -497,12 +497,20 @@ def write_curves(curve_rows: List[dict], keys: List[str], out: str, name: str = 
             )
         ax.set_xlabel("training step")
         ax.set_ylabel(m)
+        _log_y_if_wide(ax, [v for (lab, _), g in by_step.items() for v in g.get(m, [])])
         ax.grid(alpha=0.3)
         if len(labels) > 1:
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"{name}_curve_{_safe(m)}.png"), dpi=120)
         plt.close(fig)
+
+
+def _log_y_if_wide(ax, values: Sequence[float]) -> None:
+    """A metric spanning two decades or more (bits/dim of respaced chains, FID of early checkpoints) on a log axis."""
+    values = [v for v in values if math.isfinite(v)]
+    if values and min(values) > 0 and max(values) / min(values) >= 100:
+        ax.set_yscale("log")
 
 
 def _plots(labels, metrics, groups, keys, out, name) -> None:
@@ -540,6 +548,7 @@ def _plots(labels, metrics, groups, keys, out, name) -> None:
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(xs, x_values)
+        _log_y_if_wide(ax, [v for lab in labels for v in groups[lab].get(m, [])])
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize=8)

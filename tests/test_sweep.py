@@ -238,3 +238,18 @@ def test_add_ablation_is_a_sweep_preset(capsys):
     assert "2 cells, 1 training runs:" in printed  # the learning curve: one variant, the first seed
     assert add_ablation.main(["--dry-run", "--only", "classifier,lambda9"]) == 2
     assert "unknown variants ['lambda9']" in capsys.readouterr().err
+
+
+def test_plots_put_metrics_spanning_two_decades_on_a_log_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = []
+    for values in ([4.4, 62.0, 1978.0], [4.4, 62.0], [0.0, 500.0], [5.0, float("nan"), 900.0]):
+        fig, ax = plt.subplots()
+        sweep._log_y_if_wide(ax, values)
+        scales.append(ax.get_yscale())
+        plt.close(fig)
+    assert scales == ["log", "linear", "linear", "log"]
