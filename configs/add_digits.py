@@ -28,22 +28,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURES = ("classifier", "teacher")
 
 
+def _weight(text: str):
+    """A finite weight >= 0 from its text, or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0.0 <= value < float("inf") else None
+
+
 def _parse(variant: str):
     """'<features>[-l<lambda>][-noadv]' -> (features, distillation weight, adversarial weight)."""
     features, *mods = variant.split("-")
     distill, adversarial = 2.5, 1.0
-    kinds = ["noadv" if mod == "noadv" else "l" for mod in mods]
-    error = features not in FEATURES or len(set(kinds)) != len(kinds)
+    valid = features in FEATURES and len({m[:1] for m in mods}) == len(mods)  # each suffix at most once
     for mod in mods:
         if mod == "noadv":
             adversarial = 0.0
-            continue
-        try:
-            distill = float(mod[1:]) if mod.startswith("l") else float("nan")
-        except ValueError:
-            distill = float("nan")
-        error |= not 0.0 <= distill < float("inf")
-    if error:
+        elif mod.startswith("l") and _weight(mod[1:]) is not None:
+            distill = _weight(mod[1:])
+        else:
+            valid = False
+    if not valid:
         raise ValueError(
             f"unknown variant {variant!r}: use <features>[-l<lambda>][-noadv] with features in {list(FEATURES)}, "
             "e.g. classifier, teacher, classifier-l0, classifier-noadv"

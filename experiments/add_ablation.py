@@ -74,9 +74,6 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
         return 2
-    if args.num < 2:
-        print(f"error: --num {args.num}: FID needs at least 2 samples", file=sys.stderr)
-        return 2
     from experiments.sweep import main as sweep_main
 
     command = sweep_argv(names, args.teacher, args.steps, args.num, args.seeds, args.out)

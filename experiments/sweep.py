@@ -64,6 +64,7 @@ EVAL_DEFAULTS = {
     "batch": 500,
 }
 EVAL_TYPES = {"sampler": str, "steps": str, "eta": float, "guidance": float, "num": int, "bpd_num": int, "batch": int}
+EVAL_MINIMUM = {"num": 2, "bpd_num": 1, "batch": 1}  # FID needs two samples; refused before anything trains
 
 
 class SweepError(ValueError):
@@ -118,9 +119,13 @@ def _eval_value(key: str, text: str):
     if name not in EVAL_TYPES:
         raise SweepError(f"unknown evaluation option {key!r}: use one of {['eval.' + k for k in EVAL_TYPES]}")
     try:
-        return EVAL_TYPES[name](text)
+        value = EVAL_TYPES[name](text)
     except ValueError:
         raise SweepError(f"{key}={text!r}: expected {EVAL_TYPES[name].__name__}") from None
+    least = EVAL_MINIMUM.get(name)
+    if least is not None and value < least:
+        raise SweepError(f"{key}={text!r}: must be at least {least}")
+    return value
 
 
 def plan_cells(config_arg: str, grids: Sequence[str], sets: Sequence[str], seeds: Sequence[int]) -> List[Cell]:

@@ -10,6 +10,8 @@ import pytest
 
 from experiments import sweep
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 CONFIG = """
 from tests.factories import make_tiny_config
 
@@ -69,6 +71,8 @@ def test_values_with_commas_split_on_semicolons(config_file):
         (["optim.lr=fast"], [], [0], "optim.lr=fast"),  # names the cell
         (["eval.temperature=1"], [], [0], "eval.steps"),
         (["eval.num=many"], [], [0], "expected int"),
+        (["eval.num=500,1"], [], [0], "eval.num='1': must be at least 2"),  # FID of one sample
+        ([], ["eval.bpd_num=0"], [0], "must be at least 1"),
         (["seed=0,1"], [], [0], "--seeds"),
         (["optim.lr=1e-3", "optim.lr=2e-3"], [], [0], "twice"),
         (["optim.lr=1e-3,"], [], [0], "empty value"),
@@ -177,9 +181,6 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, config_file, monkeypat
     assert curve[4] == pytest.approx(logged[4], rel=1e-5)
     assert curve[8] == pytest.approx(float(table[3]["loss mean"]), rel=1e-5)
     assert (tmp_path / "b" / "lr_curve_loss.png").exists()
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("variant", ["linear-simple", "cosine-hybrid"])
