@@ -7,6 +7,10 @@
                                            (python -m research.train --config configs/quickstart.py
                                            --config.diffusion.prediction=v --workdir runs/quickstart_v), 16 -> 1 steps
                                            in 4 rounds of 250 updates: minutes on two CPU cores
+    --config configs/pd_mnist.py:digits-s32-f4-r500
+                                           suffixes change one setting each: -s<N> the teacher's steps the first
+                                           round starts from, -f<N> the final student's steps, -r<N> updates per
+                                           round (the converged digits run of REPRODUCTION.md: 32 -> 4 steps)
 
 The student keeps the teacher's parameterisation (it starts as a copy of the teacher's network). The paper uses v;
 the MNIST teacher predicts eps, whose x0 = (x_t - sigma eps) / alpha divides by alpha_T ~ 6e-3 at the top step, so
@@ -23,9 +27,29 @@ from research.config import load_config_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+SUFFIXES = {"s": "pd_start_steps", "f": "pd_final_steps", "r": "pd_steps_per_round"}
+
+
+def _parse(variant: str):
+    """'<data>[-s<start>][-f<final>][-r<updates per round>]' -> (data, {fewstep key: value})."""
+    data, *mods = variant.split("-")
+    values = {}
+    valid = data in ("mnist", "digits") and len({m[:1] for m in mods}) == len(mods)  # each suffix at most once
+    for mod in mods:
+        if mod[:1] in SUFFIXES and mod[1:].isdigit() and int(mod[1:]) >= 1:
+            values[SUFFIXES[mod[:1]]] = int(mod[1:])
+        else:
+            valid = False
+    if not valid:
+        raise ValueError(
+            f"unknown variant {variant!r}: use mnist or digits, optionally followed by -s<start steps>, "
+            "-f<final steps>, -r<updates per round>, e.g. digits-s32-f4-r500"
+        )
+    return data, values
+
+
 def get_config(variant: str = "mnist"):
-    if variant not in ("mnist", "digits"):
-        raise ValueError(f"unknown variant {variant!r}: use 'mnist' or 'digits'")
+    variant, values = _parse(variant)
     if variant == "mnist":
         c = load_config_file(os.path.join(HERE, "ddpm_mnist.py") + ":small")
         c.fewstep.teacher_workdir = "runs/ddpm_mnist_small"
@@ -43,6 +67,8 @@ def get_config(variant: str = "mnist"):
     c.task = "fewstep"
     c.fewstep.method = "pd"
     c.fewstep.pd_final_steps = 1
+    for key, value in values.items():
+        c.fewstep[key] = value
     c.fewstep.pd_weighting = "truncated_snr"
     rounds = (c.fewstep.pd_start_steps // c.fewstep.pd_final_steps).bit_length() - 1
     c.train.num_steps = rounds * c.fewstep.pd_steps_per_round

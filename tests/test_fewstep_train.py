@@ -326,3 +326,43 @@ def test_fewstep_config_errors_name_the_key(teacher_dir, tmp_path):
     mismatched.diffusion.prediction = "eps"
     with pytest.raises(ConfigError, match="diffusion.prediction"):
         build_trainer(mismatched).init(jax.random.PRNGKey(0))
+
+
+def test_pd_config_suffixes_set_the_rounds_and_their_layout():
+    """configs/pd_mnist.py:digits-s32-f4-r500 (the converged run of REPRODUCTION.md): 3 rounds 32 -> 4 steps of 500
+    updates, every round's student checkpointed; bad suffixes are named."""
+    from research.config import load_config_file
+    from research.tasks import validate_config
+
+    c = load_config_file("configs/pd_mnist.py:digits-s32-f4-r500")
+    f = c.fewstep
+    assert (f.pd_start_steps, f.pd_final_steps, f.pd_steps_per_round) == (32, 4, 500)
+    assert (c.train.num_steps, c.train.ckpt_every, c.train.keep_checkpoints) == (1500, 500, 3)
+    validate_config(c)
+    plain = load_config_file("configs/pd_mnist.py:digits")
+    assert (plain.fewstep.pd_start_steps, plain.fewstep.pd_final_steps, plain.train.num_steps) == (16, 1, 1000)
+    for variant in ("digits-s32-s16", "digits-r0", "digits-x4", "pixels", "digits-r"):
+        with pytest.raises(Exception, match=f"unknown variant '{variant}'"):
+            load_config_file("configs/pd_mnist.py:" + variant)
+
+
+def test_teacher_check_reads_an_older_run_and_ignores_remat():
+    """A teacher whose config.json predates a U-Net key (here remat and null_label) has that key's default; remat
+    (how the network is computed) may differ; an architectural difference is refused with the key named."""
+    from research.config import ConfigError, config_from_dict, load_config_file
+    from research.tasks.teacher import check_teacher_config
+
+    student = load_config_file("configs/pd_mnist.py:digits")
+    old = json.loads(student.to_json_best_effort())
+    for key in ("remat", "null_label"):
+        del old["model"][key]
+    check_teacher_config(student, config_from_dict(old))
+    student.model.remat = "full"
+    check_teacher_config(student, config_from_dict(old))
+    old["model"]["ch"] = 64
+    with pytest.raises(ConfigError, match="model.ch: teacher 64 vs config 32"):
+        check_teacher_config(student, config_from_dict(old))
+    student.model.null_label = True
+    old["model"]["ch"] = 32
+    with pytest.raises(ConfigError, match="model.null_label: teacher False vs config True"):
+        check_teacher_config(student, config_from_dict(old))

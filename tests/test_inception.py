@@ -362,9 +362,10 @@ def test_default_path_converts_when_the_source_is_installed(tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------------------------- FID
 
-# 2 x 200 images through each network: 800 forwards at ~0.15-0.2 CPU-seconds each, about 2 minutes on 2 idle
-# cores. The FID of 200 samples is biased, but identically on both sides, which is all this test compares.
-FID_N = 200
+# 2 x 100 images through each network: 400 forwards at ~0.15-0.2 CPU-seconds each, about a minute on 2 idle cores
+# (the two FIDs agree to a relative 2e-8 at this size, against the 1e-3 asserted). The FID of 100 samples is biased
+# and its covariances are singular, but identically on both sides, which is all this test compares.
+FID_N = 100
 
 
 @pytest.mark.slow
