@@ -32,7 +32,7 @@ setup(
         # test machines carry; an unpinned torch would pull several GB of CUDA packages.
         "test": [
             "pytest>=8,<10",
-            "pytest-xdist>=3.5,<4",
+            "pytest-xdist>=3.8,<4",
             "torch==2.13.0",
             "diffusers>=0.30,<0.43",
             "ruff==0.17.6",  # pinned: `ruff format --check` in .ci/run must see the same style every time
