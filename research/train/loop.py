@@ -124,7 +124,7 @@ def domain_fid(workdir: str, config, step: int, num: int, *, seed: int = 0, opti
     from research.tasks import SampleOptions
 
     options = dataclasses.replace(options or SampleOptions(), step=step)
-    result = task_of(config).sampler(workdir, config, options)(int(num), seed=seed)
+    result = task_of(config).sampler(workdir, config, options)(int(num), seed=seed, progress=False)
     labels = result.labels if result.labels is not None and result.labels.min() >= 0 else None
     data_dir = config.data.data_dir or None
     m = evaluate_images(
