@@ -297,10 +297,11 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
         if section not in config:
             continue
         if section == "model":  # a model section belongs to its backbone: take it whole
+            stored = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+            if stored.get("name", "unet") == config.model.name:  # a U-Net: keys added since take their defaults
+                stored = {**config.model.to_dict(), **stored}
             with config.unlocked():
-                config.model = ml_collections.ConfigDict(
-                    {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-                )
+                config.model = ml_collections.ConfigDict(stored)
             continue
         node = config[section]
         for key, value in fields.items():

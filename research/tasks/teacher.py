@@ -3,7 +3,7 @@ Shared by the few-step methods (research/tasks/fewstep.py) and ADD (research/tas
 
 from __future__ import annotations
 
-from research.config import ConfigError, base_config
+from research.config import ConfigError
 from research.run import load_params, read_config
 
 # model keys that change how the network is computed, not what it computes: a student may set them differently
@@ -30,14 +30,9 @@ def load_teacher(config):
 def check_teacher_config(config, tconfig) -> None:
     """The student reuses the teacher's network and schedule: refuse a teacher they do not match."""
     diffs = []
-    teacher_model = dict(tconfig.model.to_dict())
-    if teacher_model.get("name", "unet") == "unet":
-        # a run written before a U-Net key existed has that key's default (config_from_dict keeps its model whole)
-        teacher_model = {**base_config().model.to_dict(), **teacher_model}
+    teacher_model = tconfig.model.to_dict()
     for key, value in config.model.to_dict().items():
-        if key in EXECUTION_ONLY:
-            continue
-        if teacher_model.get(key) != value:
+        if key not in EXECUTION_ONLY and teacher_model.get(key) != value:
             diffs.append(f"model.{key}: teacher {teacher_model.get(key)!r} vs config {value!r}")
     for key in ("schedule", "timesteps", "beta_start", "beta_end", "prediction", "var_type"):
         if tconfig.diffusion[key] != config.diffusion[key]:
