@@ -22,7 +22,7 @@ discriminator steps per update or twice the head width changed it by under 5%).
 
 import os
 
-from research.config import load_config_file
+from research.config import load_config_file, parse_variant
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURES = ("classifier", "teacher")
@@ -39,22 +39,14 @@ def _weight(text: str):
 
 def _parse(variant: str):
     """'<features>[-l<lambda>][-noadv]' -> (features, distillation weight, adversarial weight)."""
-    features, *mods = variant.split("-")
-    distill, adversarial = 2.5, 1.0
-    valid = features in FEATURES and len({m[:1] for m in mods}) == len(mods)  # each suffix at most once
-    for mod in mods:
-        if mod == "noadv":
-            adversarial = 0.0
-        elif mod.startswith("l") and _weight(mod[1:]) is not None:
-            distill = _weight(mod[1:])
-        else:
-            valid = False
-    if not valid:
-        raise ValueError(
-            f"unknown variant {variant!r}: use <features>[-l<lambda>][-noadv] with features in {list(FEATURES)}, "
-            "e.g. classifier, teacher, classifier-l0, classifier-noadv"
-        )
-    return features, distill, adversarial
+    features, values = parse_variant(
+        variant,
+        FEATURES,
+        {"noadv": lambda rest: True if rest == "" else None, "l": _weight},
+        f"<features>[-l<lambda>][-noadv] with features in {list(FEATURES)}, "
+        "e.g. classifier, teacher, classifier-l0, classifier-noadv",
+    )
+    return features, values.get("l", 2.5), 0.0 if values.get("noadv") else 1.0
 
 
 def get_config(variant: str = "classifier"):

@@ -22,7 +22,7 @@ checkpoint at step (r + 1) * pd_steps_per_round holds the round's student (see r
 
 import os
 
-from research.config import load_config_file
+from research.config import load_config_file, parse_variant
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,22 +30,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SUFFIXES = {"s": "pd_start_steps", "f": "pd_final_steps", "r": "pd_steps_per_round"}
 
 
+def _count(text: str):
+    return int(text) if text.isdigit() and int(text) >= 1 else None
+
+
 def _parse(variant: str):
     """'<data>[-s<start>][-f<final>][-r<updates per round>]' -> (data, {fewstep key: value})."""
-    data, *mods = variant.split("-")
-    values = {}
-    valid = data in ("mnist", "digits") and len({m[:1] for m in mods}) == len(mods)  # each suffix at most once
-    for mod in mods:
-        if mod[:1] in SUFFIXES and mod[1:].isdigit() and int(mod[1:]) >= 1:
-            values[SUFFIXES[mod[:1]]] = int(mod[1:])
-        else:
-            valid = False
-    if not valid:
-        raise ValueError(
-            f"unknown variant {variant!r}: use mnist or digits, optionally followed by -s<start steps>, "
-            "-f<final steps>, -r<updates per round>, e.g. digits-s32-f4-r500"
-        )
-    return data, values
+    data, values = parse_variant(
+        variant,
+        ("mnist", "digits"),
+        dict.fromkeys(SUFFIXES, _count),
+        "mnist or digits, optionally followed by -s<start steps>, -f<final steps>, -r<updates per round>, "
+        "e.g. digits-s32-f4-r500",
+    )
+    return data, {SUFFIXES[k]: v for k, v in values.items()}
 
 
 def get_config(variant: str = "mnist"):

@@ -310,6 +310,24 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def parse_variant(variant: str, bases, suffixes: dict, usage: str):
+    """A config file's variant '<base>[-<suffix>]...' -> (base, {suffix name: value}). `suffixes` maps each suffix's
+    name (its leading text) to a parser of the text after the name that returns None for bad text; each suffix may
+    appear once. ValueError 'unknown variant ...: use <usage>' otherwise."""
+    base, *mods = variant.split("-")
+    values, valid = {}, base in bases
+    for mod in mods:
+        name = next((n for n in suffixes if mod.startswith(n)), None)
+        value = None if name is None or name in values else suffixes[name](mod[len(name) :])
+        if value is None:
+            valid = False
+        else:
+            values[name] = value
+    if not valid:
+        raise ValueError(f"unknown variant {variant!r}: use {usage}")
+    return base, values
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Load `file.py` (get_config()) or `file.py:arg` (get_config(arg), for files with named variants)."""
     arg = None
