@@ -341,6 +341,11 @@ def test_vp_sigma_conversions_round_trip():
     np.testing.assert_array_equal(D.sigma_to_index(sched, jnp.asarray(sig, jnp.float32)), np.arange(1000))
     mid = np.sqrt(sig[10] * sig[11])
     np.testing.assert_array_equal(D.sigma_to_index(sched, jnp.asarray([mid * 0.99, mid * 1.01])), [10, 11])
+    # Against the brute-force nearest in log sigma, off the grid and past both ends, eager and as a compiled constant.
+    probe = np.exp(np.random.default_rng(0).uniform(np.log(sig[0]) - 1, np.log(sig[-1]) + 1, 500)).astype(np.float32)
+    brute = np.abs(np.log(probe.astype(np.float64))[:, None] - np.log(sig)[None, :]).argmin(axis=1)
+    np.testing.assert_array_equal(D.sigma_to_index(sched, jnp.asarray(probe)), brute)
+    np.testing.assert_array_equal(jax.jit(lambda: D.sigma_to_index(sched, jnp.asarray(probe)))(), brute)
     snapped = D.snap_sigmas(D.karras_sigmas(40, *D.vp_sigma_range(sched)), sched)
     assert snapped[-1] == 0 and np.all(np.isin(snapped[:-1], sig)) and np.all(np.diff(snapped) < 0)
     assert len(snapped) <= 41

@@ -410,8 +410,10 @@ def test_converted_workdir_gives_the_same_images(tiny, tmp_path, capsys):
     assert convert_main(["--diffusers", folder, "--workdir", str(workdir)]) == 2
     assert "already holds a run" in capsys.readouterr().err
 
-    # Fine-tuning: a text_to_image run on captioned images with train.init_from=WORKDIR starts from its weights (one
-    # Adam step at lr 1e-12 moves none by more than 1e-10: the fine-tuned run generates the same images), and trains.
+    # Fine-tuning: a text_to_image run on captioned images with train.init_from=WORKDIR starts from its weights and
+    # trains. One training (each learning rate is a compile of its own): Adam's first update moves a weight by at most
+    # lr (|m_hat| / (sqrt(v_hat) + eps) < 1; AdamW adds lr * wd * |w|), so every weight lies within that of the
+    # converted one, where a fresh initialisation would be off by far more, and the input convolution has moved.
     from PIL import Image
 
     from research.train.loop import train
@@ -426,16 +428,20 @@ def test_converted_workdir_gives_the_same_images(tiny, tmp_path, capsys):
     tune = config.copy_and_resolve_references()
     tune.data.data_dir, tune.train.init_from, tune.train.batch_size = str(data), str(workdir), 2
     tune.train.num_steps, tune.train.ckpt_every, tune.train.sample_every, tune.train.progress = 1, 1, 0, False
-    tune.train.num_devices, tune.optim.lr, tune.optim.warmup_steps, tune.train.ema_decay = 1, 1e-12, 0, 0.0
+    tune.train.num_devices, tune.optim.lr, tune.optim.warmup_steps, tune.train.ema_decay = 1, 1e-3, 0, 0.0
     train(tune, str(tmp_path / "tuned"))
     tuned = read_sd_workdir(str(tmp_path / "tuned"))  # the run's weights, the converted workdir's record
+    lr, wd = tune.optim.lr, (tune.optim.weight_decay if tune.optim.optimizer == "adamw" else 0.0)
     for a, b in zip(jax.tree.leaves(tuned.unet_params), jax.tree.leaves(parts.unet_params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-10, rtol=0)  # one step of at most ~lr
-    same = StableDiffusion(tuned).generate(PROMPTS, NEGATIVE, **kw)
-    np.testing.assert_allclose(same, ours, atol=1e-5, rtol=0)
-    tune.optim.lr = 1e-3
-    moved = train(tune, str(tmp_path / "tuned_lr"))["state"].params["net"]
-    assert float(np.abs(np.asarray(moved["conv_in"]["kernel"]) - parts.unet_params["conv_in"]["kernel"]).max()) > 0
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.all(np.abs(a - b) <= lr * (1.0 + wd * np.abs(b)) * (1 + 1e-4) + 1e-7)
+    assert (
+        float(np.abs(np.asarray(tuned.unet_params["conv_in"]["kernel"]) - parts.unet_params["conv_in"]["kernel"]).max())
+        > 0
+    )
+    # The run is a pipeline. Its images are not compared with the converted ones: on this tiny random network
+    # weights moved by 1e-3 change pixels by up to 0.2; the converted workdir's images were compared bit for bit above.
+    assert StableDiffusion(tuned).generate(PROMPTS, NEGATIVE, **kw).shape == ours.shape
     tune.train.init_from = str(tmp_path / "captioned")
     with pytest.raises(Exception, match="config.json|checkpoint"):
         train(tune, str(tmp_path / "tuned_bad"))

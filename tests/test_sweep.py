@@ -94,6 +94,10 @@ def test_mean_and_sample_std_over_seeds():
     assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
     assert std == pytest.approx(statistics.stdev(values))
     assert sweep.mean_std([2.0]) == (2.0, 0.0)
+    cases = [((11.9, 0.98), "11.90 ± 0.98"), ((1978.4, 96.2), "1978 ± 96"), ((4.45, 0.02), "4.450 ± 0.020")]
+    cases += [((62.0, 0.45), "62.00 ± 0.45"), ((0.5, 0.0123), "0.500 ± 0.012"), ((15.95, 0.0), "15.95 ± 0")]
+    for (m, sd), text in cases:
+        assert sweep.format_mean_std(m, sd) == text
 
 
 def test_tables_group_seeds(tmp_path, config_file):
@@ -101,7 +105,7 @@ def test_tables_group_seeds(tmp_path, config_file):
     rows = [{"cell": c, "metrics": {"fid_domain": 10.0 * (i // 3) + c.seed}} for i, c in enumerate(cells)]
     spec = {"config": config_file, "grid": ["optim.lr=1e-3,2e-3"], "set": [], "seeds": [0, 1, 2], "eval": ["x"]}
     text = sweep.write_tables(rows, ["optim.lr"], str(tmp_path), spec)
-    assert "| 1e-3 | 1 ± 1 | 3 |" in text and "| 2e-3 | 11 ± 1 | 3 |" in text
+    assert "| 1e-3 | 1.0 ± 1.0 | 3 |" in text and "| 2e-3 | 11.0 ± 1.0 | 3 |" in text  # a std of 1 keeps its digit
     csv_lines = (tmp_path / "table.csv").read_text().splitlines()
     assert csv_lines[0] == "optim.lr,fid_domain mean,fid_domain std,seeds"
     assert csv_lines[2] == "2e-3,11,1,3"

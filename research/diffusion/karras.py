@@ -258,12 +258,19 @@ def vp_to_sigma_space(x_t, sigma):
 
 
 def sigma_to_index(schedule: Schedule, sigma) -> jnp.ndarray:
-    """Nearest step index of `schedule` in log(sigma) (k-diffusion's quantisation), int32 of sigma's shape."""
+    """Nearest step index of `schedule` in log(sigma) (k-diffusion's quantisation), int32 of sigma's shape.
+
+    A binary search of the increasing table and a comparison of the two neighbours (ties go to the lower step),
+    not a [..., T] distance matrix: a sigma known when the sampler is compiled (one-step consistency sampling)
+    would otherwise make XLA constant-fold a [B, T] argmin on every compile.
+    """
     sigma = jnp.asarray(sigma)
     dt = sigma.dtype if jnp.issubdtype(sigma.dtype, jnp.floating) else jnp.float32
     log_table = jnp.asarray(np.log(vp_sigmas(schedule)), dt)
-    dist = jnp.abs(jnp.log(sigma.astype(dt))[..., None] - log_table)
-    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+    log_s = jnp.log(sigma.astype(dt))
+    hi = jnp.clip(jnp.searchsorted(log_table, log_s), 1, log_table.shape[0] - 1)
+    lower_is_nearer = log_s - log_table[hi - 1] <= log_table[hi] - log_s
+    return jnp.where(lower_is_nearer, hi - 1, hi).astype(jnp.int32)
 
 
 def snap_sigmas(sigmas, schedule: Schedule) -> np.ndarray:
