@@ -298,6 +298,24 @@ def test_student_sampler_spends_one_evaluation_per_step(teacher_dir, method):
     for steps in (1, 2):
         samples, _, nfe = generate(make_student_sampler(config, model, steps, 4), teacher, 4, 4)
         assert nfe == steps and samples.shape == (4, 8, 8, 1) and np.all(np.isfinite(samples))
+    # Chosen noise levels (experiments/cm_sigma_search.py): the default levels given explicitly are the default
+    # sampler; another intermediate level changes the samples; a wrong count, or a pd student, is refused.
+    from research.config import ConfigError
+    from research.sampling import schedule_from_config
+    from research.tasks.fewstep import consistency_grid, consistency_sample_sigmas
+
+    if method == "pd":
+        with pytest.raises(ConfigError, match="only consistency models"):
+            make_student_sampler(config, model, 2, 4, sigmas=np.array([80.0, 1.0]))
+        return
+    grid = consistency_grid(config, schedule_from_config(config.diffusion))
+    default = consistency_sample_sigmas(2, grid)
+    given = generate(make_student_sampler(config, model, 2, 4, sigmas=default), teacher, 4, 4)[0]
+    np.testing.assert_array_equal(given, samples)
+    other = generate(make_student_sampler(config, model, 2, 4, sigmas=[default[0], default[1] / 4]), teacher, 4, 4)[0]
+    assert np.max(np.abs(other - samples)) > 1e-3
+    with pytest.raises(ConfigError, match="2 steps need 2 noise levels"):
+        make_student_sampler(config, model, 2, 4, sigmas=default[:1])
 
 
 def test_fewstep_config_errors_name_the_key(teacher_dir, tmp_path):

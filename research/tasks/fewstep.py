@@ -201,12 +201,15 @@ def student_consistency_fn(config, model, schedule, params, grid, *, train=False
 # ------------------------------------------------------------------------------------------ samplers
 
 
-def make_student_sampler(config, model, steps: int, batch_size: int):
+def make_student_sampler(config, model, steps: int, batch_size: int, sigmas=None):
     """jitted (params, key, labels) -> SampleResult: the student's k-step sampler.
 
     pd: DDIM (eta=0) on the student's trailing grid pd_timesteps(T, k), the grid it was distilled on.
-    cd/ct: multistep consistency sampling over `consistency_sample_sigmas(k)`.
+    cd/ct: multistep consistency sampling over `consistency_sample_sigmas(k)`, or over the k decreasing noise
+    levels `sigmas` (CM's searched intermediate levels; experiments/cm_sigma_search.py).
     """
+    if sigmas is not None and config.fewstep.method not in ("cd", "ct"):
+        raise ConfigError(f"sigmas: only consistency models sample on chosen noise levels, not {config.fewstep.method}")
     if config.fewstep.method == "add":
         from research.tasks.add import make_add_sampler
 
@@ -230,7 +233,10 @@ def make_student_sampler(config, model, steps: int, batch_size: int):
             )
     else:
         grid = consistency_grid(config, schedule)
-        sigmas = consistency_sample_sigmas(steps, grid)
+        if sigmas is None:
+            sigmas = consistency_sample_sigmas(steps, grid)
+        elif len(sigmas) != int(steps):
+            raise ConfigError(f"{steps} steps need {steps} noise levels, got {list(sigmas)}")
 
         def run(params, key, labels):
             f = student_consistency_fn(config, model, schedule, params, grid)
