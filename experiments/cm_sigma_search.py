@@ -133,14 +133,15 @@ def main(argv=None) -> int:
             _, sigmas, fids = results[run][i]
             mean, std = _mean_std(fids)
             cells.append(f"{mean:.2f} ± {std:.2f}" if len(fids) > 1 else f"{mean:.2f}")
-            rows.append([name, label, ";".join(f"{s:.6g}" for s in sigmas), f"{mean:.6g}", f"{std:.6g}", len(fids)])
+            per_seed = ";".join(f"{v:.6g}" for v in fids)
+            rows.append([name, label, ";".join(f"{s:.6g}" for s in sigmas), f"{mean:.6g}", f"{std:.6g}", per_seed])
         md.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(md) + "\n"
     with open(os.path.join(args.out, "cm_sigma_search.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "cm_sigma_search.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "sampler", "sigmas", "fid mean", "fid std", "seeds"])
+        w.writerow(["run", "sampler", "sigmas", "fid mean", "fid std", "fid per sample seed"])
         w.writerows(rows)
 
     import matplotlib
