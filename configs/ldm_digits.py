@@ -4,8 +4,9 @@ One backbone, two spaces: the class-conditional DiT of configs/dit_mnist_latent.
 patch 1, learned sigma with the hybrid loss, 10% null labels) trained either on the pixels (8x8x1: 64 tokens) or on
 the 4x4x4 latents of the f = 2 KL autoencoder configs/vae_mnist.py:digits (16 tokens, a quarter of the tokens and
 about a quarter of the FLOPs per step). Everything else is equal: schedule, loss, optimiser (a constant rate here),
-batch, EMA, sampler (DDIM 50, no guidance); the latent model trains 4000 steps, the pixel one 2000. The sweep
-evaluates every kept checkpoint, so FID can be read against steps and against training FLOPs:
+batch, EMA, sampler (DDIM 50, no guidance); the latent model trains 8000 steps, the pixel one 2000 (the same
+compute). The sweep evaluates every kept checkpoint, so FID can be read against steps and against training FLOPs
+(`python -m experiments.latent_vs_pixel --sweep runs/sweep_ldm_digits` pairs them at equal compute):
 
     python -m research.train --config configs/vae_mnist.py:digits --workdir runs/vae_digits     # stage 1 (latent)
     python -m experiments.sweep --config configs/ldm_digits.py --grid variant=pixel,latent --seeds 0,1,2 \\
@@ -26,11 +27,11 @@ def get_config(variant: str = "latent"):
     # spaces can be compared at any equal compute, not only where their decays end.
     c.optim.lr_schedule = "constant"
     c.train.ckpt_every = 500
-    c.train.keep_checkpoints = 8
+    c.train.keep_checkpoints = 16
     c.train.sample_every = 0
-    # The pixel model costs more than 4x as much per step (64 tokens against 16), so it gets half the steps and still
-    # spends twice the compute: the pixel run covers the latent run's whole compute range in its first 1000 steps.
-    c.train.num_steps = 4000 if variant == "latent" else 2000
+    # The pixel model costs 4.1x as much per step (64 tokens against 16): 2000 pixel steps and 8000 latent steps
+    # spend the same compute (43 TFLOP), so the two curves cover one compute range.
+    c.train.num_steps = 8000 if variant == "latent" else 2000
     if variant == "pixel":
         c.latent.autoencoder = ""
         c.latent.downsample_factor = 0

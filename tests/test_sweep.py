@@ -211,12 +211,22 @@ def test_ldm_digits_variants_differ_only_in_the_space_and_the_steps():
     for section in ("data", "model", "diffusion", "optim", "sample"):
         assert latent[section] == pixel[section], section
     assert latent.optim.lr_schedule == "constant"  # a checkpoint at step k is a k-step run
-    assert (latent.train.num_steps, pixel.train.num_steps) == (4000, 2000)
+    assert (latent.train.num_steps, pixel.train.num_steps) == (8000, 2000)
     assert latent.latent.autoencoder == "runs/vae_digits" and pixel.latent.autoencoder == ""
     flops = [forward_flops(build_network(c), c, abstract_net_params(build_network(c), c)) for c in (pixel, latent)]
     assert 3.5 < flops[0] / flops[1] < 4.5
     with pytest.raises(ValueError, match="'latent' or 'pixel'"):
         get_config(os.path.join(ROOT, "configs/ldm_digits.py:pixels"))
+
+
+def test_latent_vs_pixel_pairs_never_give_the_latent_side_more_compute():
+    from experiments.latent_vs_pixel import pair_at_equal_compute
+
+    pixel = [(10.0, 500), (20.0, 1000), (3.0, 100)]
+    latent = [(5.0, 900), (10.0, 1900), (20.5, 3900), (2.0, 300), (21.0, 4000)]
+    pairs = pair_at_equal_compute(pixel, latent)
+    assert [(a[1], b[1]) for a, b in pairs] == [(500, 1900), (1000, 1900), (100, 300)]
+    assert pair_at_equal_compute([(1.0, 1)], latent) == []
 
 
 def test_iddpm_ablation_is_a_sweep_preset(tmp_path, capsys):
