@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import sys
 
@@ -40,7 +39,6 @@ def search(run: str, levels: list, num: int, seeds: list, batch_size: int) -> li
     import numpy as np
 
     from research.config import ConfigError
-    from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
     from research.sampling import schedule_from_config, to_uint8
     from research.tasks.fewstep import (
         consistency_grid,
@@ -49,6 +47,7 @@ def search(run: str, levels: list, num: int, seeds: list, batch_size: int) -> li
         load_student,
         make_student_sampler,
     )
+    from research.train.loop import domain_scores
 
     config, model, params, _ = load_student(run)
     if config.fewstep.method not in ("cd", "ct"):
@@ -61,8 +60,6 @@ def search(run: str, levels: list, num: int, seeds: list, batch_size: int) -> li
     default = consistency_sample_sigmas(2, grid)
     settings = [("1 step", [hi]), (f"2 steps, default s = {default[1]:.3g}", list(default))]
     settings += [(f"2 steps, s = {s:g}", [hi, s]) for s in sorted(levels, reverse=True)]
-    space = feature_space("domain", config.data.name, data_dir=config.data.data_dir or None)
-    reference = DatasetSpec(config.data.name, "train")
     num_classes = int(config.model.get("num_classes", 0))
     batch = min(batch_size, num)
     out = []
@@ -71,25 +68,10 @@ def search(run: str, levels: list, num: int, seeds: list, batch_size: int) -> li
         fids = []
         for seed in seeds:
             samples, labels, _ = generate(sampler, params, num, batch, seed=seed, num_classes=num_classes)
-            m = evaluate_images(
-                to_uint8(samples, config.data.centered),
-                space,
-                reference,
-                data_dir=config.data.data_dir or None,
-                kid=False,
-                precision_recall=False,
-                progress=False,
-            )
-            fids.append(float(m["fid"]))
+            fids.append(float(domain_scores(to_uint8(samples, config.data.centered), labels, config)["fid_domain"]))
         print(f"{run}: {label}: FID {', '.join(f'{v:.2f}' for v in fids)}", flush=True)
         out.append((label, sigmas, fids))
     return out
-
-
-def _mean_std(values: list) -> tuple:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def main(argv=None) -> int:
@@ -109,6 +91,7 @@ def main(argv=None) -> int:
         print(f"error: no run (config.json) in {', '.join(missing)}", file=sys.stderr)
         return 2
 
+    from experiments.sweep import format_mean_std, mean_std
     from research.config import ConfigError
 
     try:
@@ -131,8 +114,8 @@ def main(argv=None) -> int:
         cells = []
         for run, name in zip(args.run, names):
             _, sigmas, fids = results[run][i]
-            mean, std = _mean_std(fids)
-            cells.append(f"{mean:.2f} ± {std:.2f}" if len(fids) > 1 else f"{mean:.2f}")
+            mean, std = mean_std(fids)
+            cells.append(format_mean_std(mean, std))
             per_seed = ";".join(f"{v:.6g}" for v in fids)
             rows.append([name, label, ";".join(f"{s:.6g}" for s in sigmas), f"{mean:.6g}", f"{std:.6g}", per_seed])
         md.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -152,10 +135,10 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(6, 4))
     for run, name in zip(args.run, names):
         res = results[run]
-        pts = sorted((sig[1], _mean_std(f)[0]) for label, sig, f in res[2:])
+        pts = sorted((sig[1], mean_std(f)[0]) for label, sig, f in res[2:])
         (line,) = ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", label=f"{name}: 2 steps")
-        ax.axhline(_mean_std(res[0][2])[0], color=line.get_color(), ls="--", lw=1, label=f"{name}: 1 step")
-        ax.plot([res[1][1][1]], [_mean_std(res[1][2])[0]], "*", ms=12, color=line.get_color())
+        ax.axhline(mean_std(res[0][2])[0], color=line.get_color(), ls="--", lw=1, label=f"{name}: 1 step")
+        ax.plot([res[1][1][1]], [mean_std(res[1][2])[0]], "*", ms=12, color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("intermediate noise level s (star: the default)")
     ax.set_ylabel("domain FID")

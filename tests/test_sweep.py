@@ -203,8 +203,7 @@ def test_iddpm_digits_is_the_quickstart_recipe_with_the_variants_objective(varia
 def test_ldm_digits_variants_differ_only_in_the_space_and_the_steps():
     """The latent-vs-pixel comparison is fair: one recipe, the autoencoder and the step count aside, and the
     latent model's forward pass costs about a quarter of the pixel one's (16 tokens against 64)."""
-    from research.shapes import abstract_net_params, build_network
-    from research.summary import forward_flops
+    from experiments.latent_vs_pixel import training_flops_per_step
     from research.tasks import get_config
 
     latent, pixel = (get_config(os.path.join(ROOT, f"configs/ldm_digits.py:{v}")) for v in ("latent", "pixel"))
@@ -213,7 +212,7 @@ def test_ldm_digits_variants_differ_only_in_the_space_and_the_steps():
     assert latent.optim.lr_schedule == "constant"  # a checkpoint at step k is a k-step run
     assert (latent.train.num_steps, pixel.train.num_steps) == (8000, 2000)
     assert latent.latent.autoencoder == "runs/vae_digits" and pixel.latent.autoencoder == ""
-    flops = [forward_flops(build_network(c), c, abstract_net_params(build_network(c), c)) for c in (pixel, latent)]
+    flops = [training_flops_per_step(c) for c in (pixel, latent)]  # same batch: the ratio of the forward passes
     assert 3.5 < flops[0] / flops[1] < 4.5
     with pytest.raises(ValueError, match="'latent' or 'pixel'"):
         get_config(os.path.join(ROOT, "configs/ldm_digits.py:pixels"))

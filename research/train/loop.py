@@ -120,15 +120,22 @@ def domain_fid(workdir: str, config, step: int, num: int, *, seed: int = 0, opti
     training split -> {'fid_domain', 'classifier_score'[, 'classifier_accuracy' for class-conditional samples]}."""
     import dataclasses
 
-    from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
     from research.tasks import SampleOptions
 
     options = dataclasses.replace(options or SampleOptions(), step=step)
     result = task_of(config).sampler(workdir, config, options)(int(num), seed=seed, progress=False)
-    labels = result.labels if result.labels is not None and result.labels.min() >= 0 else None
+    return domain_scores(result.images, result.labels, config)
+
+
+def domain_scores(images: np.ndarray, labels, config) -> dict:
+    """Domain FID of uint8 samples against the training split of config.data -> {'fid_domain', 'classifier_score'
+    [, 'classifier_accuracy' when `labels` holds the requested classes (none negative)]}."""
+    from research.metrics.evaluation import DatasetSpec, evaluate_images, feature_space
+
+    labels = labels if labels is not None and labels.min() >= 0 else None
     data_dir = config.data.data_dir or None
     m = evaluate_images(
-        result.images,
+        images,
         feature_space("domain", config.data.name, data_dir=data_dir),
         DatasetSpec(config.data.name, "train"),
         labels=labels,
