@@ -224,9 +224,9 @@ def _sample_options(options: dict):
 
 def eval_fid_domain(workdir: str, options: dict, seed: int, step: int) -> dict:
     from research.run import read_config
-    from research.train.loop import domain_fid
+    from research.train.loop import checkpoint_domain_scores
 
-    return domain_fid(
+    return checkpoint_domain_scores(
         workdir, read_config(workdir), step, int(options["num"]), seed=seed, options=_sample_options(options)
     )
 

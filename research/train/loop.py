@@ -115,7 +115,7 @@ def check_fid_request(config, task) -> None:
         raise ConfigError(f"train.fid_every: {e}") from None
 
 
-def domain_fid(workdir: str, config, step: int, num: int, *, seed: int = 0, options=None) -> dict:
+def checkpoint_domain_scores(workdir: str, config, step: int, num: int, *, seed: int = 0, options=None) -> dict:
     """Domain FID of `num` samples of the checkpoint at `step` (the run's sample settings, or `options`) against the
     training split -> {'fid_domain', 'classifier_score'[, 'classifier_accuracy' for class-conditional samples]}."""
     import dataclasses
@@ -299,7 +299,7 @@ def train(config, workdir: str, *, stop_at: Optional[int] = None) -> dict:
                 if tc.fid_every and done % tc.fid_every == 0:
                     ckpt.wait()
                     t0 = time.time()
-                    row = {"step": done, **domain_fid(workdir, config, done, int(tc.fid_num))}
+                    row = {"step": done, **checkpoint_domain_scores(workdir, config, done, int(tc.fid_num))}
                     row.update(num=int(tc.fid_num), seconds=round(time.time() - t0, 1))
                     with open(os.path.join(workdir, "fid.jsonl"), "a") as f:
                         f.write(json.dumps(row) + "\n")
