@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         for run, name in zip(args.run, names):
             _, sigmas, fids = results[run][i]
             mean, std = mean_std(fids)
-            cells.append(format_mean_std(mean, std))
+            cells.append(format_mean_std(mean, std, len(fids)))
             per_seed = ";".join(f"{v:.6g}" for v in fids)
             rows.append([name, label, ";".join(f"{s:.6g}" for s in sigmas), f"{mean:.6g}", f"{std:.6g}", per_seed])
         md.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -429,9 +429,12 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return mean, std
 
 
-def format_mean_std(mean: float, std: float) -> str:
+def format_mean_std(mean: float, std: float, count: int = 2) -> str:
     """Format "mean ± std": the std to two significant figures and the mean to the same decimal place ("1.0 ± 1.0",
-    "11.90 ± 0.98", "1978 ± 96"); a single seed's std of 0 (or a non-finite one) leaves the mean at 4 figures."""
+    "11.90 ± 0.98", "1978 ± 96"); a std of 0 (or a non-finite one) leaves the mean at 4 figures, and a single value
+    (`count` 1, where there is no spread to report) is the mean alone."""
+    if count < 2:
+        return f"{mean:.4g}"
     if not math.isfinite(std) or std <= 0 or not math.isfinite(mean):
         return f"{mean:.4g} ± {std:.2g}"
     decimals = max(0, 1 - math.floor(math.log10(std)))
@@ -448,7 +451,7 @@ def write_tables(rows: List[dict], keys: List[str], out: str, spec: dict, name: 
         csv_rows.append(
             list(label) + [f"{stats[m][i]:.6g}" if m in stats else "" for m in metrics for i in (0, 1)] + [str(n)]
         )
-        cells = [format_mean_std(*stats[m]) if m in stats else "-" for m in metrics]
+        cells = [format_mean_std(*stats[m], len(groups[label][m])) if m in stats else "-" for m in metrics]
         md.append("| " + " | ".join(list(label) + cells + [str(n)]) + " |")
     with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
         w = csv.writer(f)

@@ -98,6 +98,7 @@ def test_mean_and_sample_std_over_seeds():
     cases += [((62.0, 0.45), "62.00 ± 0.45"), ((0.5, 0.0123), "0.500 ± 0.012"), ((15.95, 0.0), "15.95 ± 0")]
     for (m, sd), text in cases:
         assert sweep.format_mean_std(m, sd) == text
+    assert sweep.format_mean_std(15.95, 0.0, count=1) == "15.95"  # one seed: no spread to report
 
 
 def test_tables_group_seeds(tmp_path, config_file):
@@ -110,6 +111,9 @@ def test_tables_group_seeds(tmp_path, config_file):
     assert csv_lines[0] == "optim.lr,fid_domain mean,fid_domain std,seeds"
     assert csv_lines[2] == "2e-3,11,1,3"
     assert (tmp_path / "table_fid_domain.png").stat().st_size > 1000
+    one_seed = [r for r in rows if r["cell"].seed == 1]
+    text = sweep.write_tables(one_seed, ["optim.lr"], str(tmp_path), {**spec, "seeds": [1]}, name="one")
+    assert "| 1e-3 | 1 | 1 |" in text and "| 2e-3 | 11 | 1 |" in text
 
 
 @pytest.mark.slow
