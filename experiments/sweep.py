@@ -16,8 +16,9 @@ Keys:
   - a config key (`diffusion.schedule`, `optim.lr`, ...): a training cell per value, typed like `--config.KEY=`;
   - `variant`: the config file's variant (`FILE:VARIANT`);
   - `eval.KEY`: an evaluation option, so the values share one trained model per training cell:
-    `eval.sampler`, `eval.steps`, `eval.eta`, `eval.guidance` (as `research.sample`), `eval.num` (samples for
-    FID, default 1000), `eval.bpd_num` (test images for bits/dim, default 200), `eval.batch` (500).
+    `eval.sampler`, `eval.steps`, `eval.eta`, `eval.guidance`, `eval.sigmas` (as `research.sample`; several
+    level lists are split on ';': `--grid 'eval.sigmas=80,0.7;80,1.5'`), `eval.num` (samples for FID, default
+    1000), `eval.bpd_num` (test images for bits/dim, default 200), `eval.batch` (500).
   Values are split on ',' or, when the text has a ';', on ';' (`--grid 'model.ch_mult=1,2;1,2,2'`).
 
 Evaluations (--eval): `fid_domain` (domain-classifier FID of eval.num samples against the training split, plus
@@ -62,8 +63,29 @@ EVAL_DEFAULTS = {
     "num": 1000,
     "bpd_num": 200,
     "batch": 500,
+    "sigmas": None,
 }
-EVAL_TYPES = {"sampler": str, "steps": str, "eta": float, "guidance": float, "num": int, "bpd_num": int, "batch": int}
+
+
+def _levels(text: str) -> str:
+    """eval.sigmas: comma-separated noise levels, kept as text (the cell's name and cache key hold it as written)."""
+    [float(v) for v in text.split(",")]  # ValueError names the bad value
+    return text
+
+
+EVAL_TYPES = {
+    "sampler": str,
+    "steps": str,
+    "eta": float,
+    "guidance": float,
+    "num": int,
+    "bpd_num": int,
+    "batch": int,
+    "sigmas": _levels,
+}
+# Options added after sweeps had cached evaluations: they enter the cache key only when set, so the caches of older
+# sweeps stay valid.
+KEYED_WHEN_SET = ("sigmas",)
 EVAL_MINIMUM = {"num": 2, "bpd_num": 1, "batch": 1}  # FID needs two samples; refused before anything trains
 
 
@@ -121,7 +143,8 @@ def _eval_value(key: str, text: str):
     try:
         value = EVAL_TYPES[name](text)
     except ValueError:
-        raise SweepError(f"{key}={text!r}: expected {EVAL_TYPES[name].__name__}") from None
+        wanted = "comma-separated numbers" if name == "sigmas" else EVAL_TYPES[name].__name__
+        raise SweepError(f"{key}={text!r}: expected {wanted}") from None
     least = EVAL_MINIMUM.get(name)
     if least is not None and value < least:
         raise SweepError(f"{key}={text!r}: must be at least {least}")
@@ -213,12 +236,14 @@ def _cached(path: str, compute: Callable[[], dict]) -> dict:
 def _sample_options(options: dict):
     from research.tasks import SampleOptions
 
+    sigmas = options.get("sigmas")
     return SampleOptions(
         sampler=options["sampler"],
         steps=options["steps"],
         eta=options["eta"],
         guidance=options["guidance"],
         batch_size=options["batch"],
+        sigmas=None if sigmas is None else tuple(float(v) for v in sigmas.split(",")),
     )
 
 
@@ -271,7 +296,7 @@ def eval_loss(workdir: str, options: dict, seed: int, step: int) -> dict:
 
 # name -> (function, the options its result depends on)
 EVALUATORS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
-    "fid_domain": (eval_fid_domain, ("sampler", "steps", "eta", "guidance", "num")),
+    "fid_domain": (eval_fid_domain, ("sampler", "steps", "eta", "guidance", "num", "sigmas")),
     "bpd": (eval_bpd, ("steps", "bpd_num")),
     "loss": (eval_loss, ()),
 }
@@ -287,7 +312,8 @@ def evaluator(name: str) -> Optional[Tuple[Callable, Tuple[str, ...]]]:
 
 
 def _eval_key(name: str, options: dict, step: int, seed: int) -> str:
-    used = {k: options[k] for k in evaluator(name)[1]}
+    used = {k: options.get(k) for k in evaluator(name)[1]}
+    used = {k: v for k, v in used.items() if k not in KEYED_WHEN_SET or v is not None}
     text = json.dumps(used, sort_keys=True)
     readable = "_".join(f"{k}{v}" for k, v in used.items() if v is not None)
     return _safe(f"{name}_step{step}_seed{seed}_{readable}_{hashlib.sha256(text.encode()).hexdigest()[:8]}")

@@ -1,13 +1,15 @@
 """python -m research.sample --workdir RUN [--step N] [--sampler ddim|ddpm] [--steps 50|ddim50|t1,t2,..]
                            [--eta 0.0] [--num 64] [--seed 0] [--batch-size 256] [--no-ema] [--out DIR]
-                           [--guidance S] [--classifier RUN --classifier-scale S]
+                           [--guidance S] [--classifier RUN --classifier-scale S] [--sigmas S1,S2,..]
 
 Loads the run's config and checkpoint (the newest, or --step), draws samples with the sampler of the run's task
 and writes
   OUT/<name>.png  (grid of up to 256)
   OUT/<name>.npz  (images uint8 [N, H, W, C], labels [N] (-1 for unconditional models), nfe, step)
 OUT defaults to RUN/samples. A diffusion run samples with DDPM or DDIM on any respacing; a few-step run with its
-student's own sampler (`--steps k` picks the k-step student); an autoencoder run has no sampler.
+student's own sampler (`--steps k` picks the k-step student; a consistency run (cd, ct) also takes `--sigmas`, its
+decreasing noise levels, one per step, e.g. the searched level of experiments/cm_sigma_search.py as --sigmas 80,0.7);
+an autoencoder run has no sampler.
 --classifier RUN guides a diffusion run with a noise-aware classifier run trained on the same schedule (Dhariwal &
 Nichol 2021, with any sampler): the samples' classes cycle 0, 1, ..., K-1, also for an unconditional model.
 """
@@ -60,6 +62,14 @@ def _check_args(args) -> None:
         raise ConfigError(f"--workdir {args.workdir} does not exist")
 
 
+def _levels(text: str) -> tuple:
+    try:
+        levels = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated noise levels, got {text!r}") from None
+    return levels
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
@@ -82,6 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--grid", choices=("uniform", "logsnr", "karras"), default=None, help="a solver's time grid")
     p.add_argument("--classifier", default=None, help="a noise-aware classifier run for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="the classifier guidance scale s (0: none)")
+    p.add_argument(
+        "--sigmas",
+        type=_levels,
+        default=None,
+        help="a consistency run's noise levels, one per step, decreasing (e.g. 80,0.7: CM's 2-step sampler)",
+    )
     args = p.parse_args(argv)
 
     from research.config import ConfigError
@@ -103,6 +119,7 @@ def main(argv=None) -> int:
             grid=args.grid,
             classifier=args.classifier,
             classifier_scale=args.classifier_scale,
+            sigmas=args.sigmas,
         )
         run = task_of(config).sampler(args.workdir, config, options)
         t0 = time.time()

@@ -318,6 +318,63 @@ def test_student_sampler_spends_one_evaluation_per_step(teacher_dir, method):
         make_student_sampler(config, model, 2, 4, sigmas=default[:1])
 
 
+def test_sample_command_takes_a_consistency_runs_noise_levels(teacher_dir, tmp_path, capsys):
+    """research.sample --sigmas: the default levels given explicitly draw the default samples, a searched level
+    other samples (the same as make_student_sampler on those levels); bad levels, and levels for a run that is not a
+    consistency model, are refused with exit code 2 and the reason."""
+    from research.sample import main as sample_main
+    from research.sampling import schedule_from_config, to_uint8
+    from research.tasks.fewstep import (
+        consistency_grid,
+        consistency_sample_sigmas,
+        generate,
+        load_student,
+        make_student_sampler,
+    )
+    from research.train.loop import train
+
+    teacher, _ = teacher_dir
+    run, out = str(tmp_path / "cd"), str(tmp_path / "out")
+    config = fewstep_config("cd", teacher)
+    train(config, run, stop_at=2)
+    grid = consistency_grid(config, schedule_from_config(config.diffusion))
+    lo, hi = grid["sigma_min"], grid["sigma_max"]
+    default = consistency_sample_sigmas(2, grid)
+
+    def draw(*args):
+        assert sample_main(["--workdir", run, "--num", "4", "--out", out, *args]) == 0
+
+    def images(name):
+        with np.load(os.path.join(out, name + ".npz")) as f:
+            return f["images"], int(f["nfe"])
+
+    draw("--steps", "2")
+    draw("--sigmas", ",".join(repr(float(s)) for s in default))
+    plain, nfe = images("samples_cd_2steps_seed0")
+    given_name = "samples_cd_2steps_sigmas" + "-".join(f"{s:g}" for s in default) + "_seed0"
+    np.testing.assert_array_equal(images(given_name)[0], plain)
+    assert nfe == 2
+    level = float(np.sqrt(lo * default[1]))  # between sigma_min and the default intermediate level
+    draw("--sigmas", f"{hi!r},{level!r}")
+    chosen, nfe = images(f"samples_cd_2steps_sigmas{hi:g}-{level:g}_seed0")
+    assert nfe == 2 and np.mean(chosen != plain) > 0.05
+    _, model, params, _ = load_student(run)
+    direct = generate(make_student_sampler(config, model, 2, 4, sigmas=[hi, level]), params, 4, 4)[0]
+    np.testing.assert_array_equal(chosen, to_uint8(direct, config.data.centered))
+    bad = [
+        (["--sigmas", f"{level!r},{hi!r}"], "decrease strictly"),
+        (["--sigmas", f"{hi * 2!r},{level!r}"], "must lie in (sigma_min, sigma_max]"),
+        (["--sigmas", f"{hi!r},{lo!r}"], "must lie in (sigma_min, sigma_max]"),
+        (["--sigmas", f"{hi!r},{level!r}", "--steps", "3"], "3 steps need 3 noise levels"),
+    ]
+    for args, words in bad:
+        capsys.readouterr()
+        assert sample_main(["--workdir", run, "--num", "2", "--out", out, *args]) == 2
+        assert words in capsys.readouterr().err
+    assert sample_main(["--workdir", teacher, "--num", "2", "--out", out, "--sigmas", "80,0.7"]) == 2
+    assert "a consistency model's noise levels" in capsys.readouterr().err
+
+
 def test_fewstep_config_errors_name_the_key(teacher_dir, tmp_path):
     from research.config import ConfigError
     from research.tasks import validate_config

@@ -64,6 +64,28 @@ def test_values_with_commas_split_on_semicolons(config_file):
     assert [dict(c.overrides)["model.ch_mult"] for c in cells] == ["1,2", "1,2,2"]
 
 
+def test_consistency_levels_are_an_evaluation_option_that_keeps_older_caches(config_file):
+    """eval.sigmas (a consistency run's noise levels) reaches the sampler as numbers, shares the training runs like
+    every eval option, splits on ';' in a grid, and enters an evaluation's cache key only when set: the key of an
+    evaluation without it is the one sweeps computed before the option existed."""
+    import hashlib
+
+    cells = sweep.plan_cells(config_file, ["eval.sigmas=80,0.7;80,1.5"], ["eval.steps=2"], [0])
+    assert [dict(c.eval_options)["sigmas"] for c in cells] == ["80,0.7", "80,1.5"]
+    assert len({c.train_name for c in cells}) == 1
+    assert sweep._sample_options(dict(cells[0].eval_options)).sigmas == (80.0, 0.7)
+    plain = dict(sweep.plan_cells(config_file, ["eval.steps=2"], [], [0])[0].eval_options)
+    assert sweep._sample_options(plain).sigmas is None
+    # the key as computed before eval.sigmas: the five sampling options, hashed in sorted-key JSON
+    old = {k: plain[k] for k in ("sampler", "steps", "eta", "guidance", "num")}
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
+    assert sweep._eval_key("fid_domain", plain, 500, 1) == f"fid_domain_step500_seed1_steps2_num1000_{digest}"
+    keys = {sweep._eval_key("fid_domain", dict(c.eval_options), 500, 1) for c in cells}
+    assert len(keys) == 2 and all("sigmas80" in k for k in keys)
+    with pytest.raises(sweep.SweepError, match="expected comma-separated numbers"):
+        sweep.plan_cells(config_file, [], ["eval.sigmas=80,high"], [0])
+
+
 @pytest.mark.parametrize(
     "grids, sets, seeds, words",
     [

@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from research.config import ConfigError, apply_overrides, load_config_file, validate_common
 
@@ -148,6 +148,7 @@ class SampleOptions:
     grid: Optional[str] = None  # a solver's time grid: uniform | logsnr | karras
     classifier: Optional[str] = None  # a noisy_classifier run for classifier guidance
     classifier_scale: float = 1.0
+    sigmas: Optional[Tuple[float, ...]] = None  # a consistency model's noise levels, one per step (cd/ct runs)
 
 
 class Task(abc.ABC):

@@ -269,6 +269,11 @@ def frozen_autoencoder(config):
 def check_sample_options(config, options: SampleOptions) -> None:
     """Refuse, with the fix, options of `research.sample` that the sampler they name cannot take."""
     name = options.sampler or config.sample.sampler
+    if options.sigmas is not None:
+        raise ConfigError(
+            "--sigmas picks a consistency model's noise levels (a cd or ct run); this run samples on --steps "
+            "(drop --sigmas)"
+        )
     if options.eta is not None and name != "ddim":
         raise ConfigError(f"--eta is DDIM's; the {name!r} sampler has none (drop --eta or use --sampler ddim)")
     if options.grid is not None and name in ("ddpm", "ddim"):

@@ -132,6 +132,21 @@ def consistency_sample_sigmas(steps: int, grid: dict) -> np.ndarray:
     return karras.karras_sigmas(int(steps) + 1, grid["sigma_min"], grid["sigma_max"], grid["rho"])[:steps]
 
 
+def check_sample_sigmas(sigmas, steps: int, grid: dict) -> None:
+    """ConfigError unless `sigmas` are `steps` strictly decreasing levels in (sigma_min, sigma_max] of the run's grid:
+    the range its consistency function was trained on (a level at sigma_min would spend a step on the identity)."""
+    levels = [float(s) for s in sigmas]
+    lo, hi = grid["sigma_min"], grid["sigma_max"]
+    if len(levels) != int(steps):
+        raise ConfigError(f"{steps} steps need {steps} noise levels, got {levels}")
+    if any(b >= a for a, b in zip(levels, levels[1:])):
+        raise ConfigError(f"noise levels {levels} must decrease strictly (the first is usually sigma_max={hi:.4g})")
+    # the grid's sigma_max is itself a float64 round trip of the schedule, so a level printed from it may exceed it
+    # in the last digits
+    if levels[0] > hi * (1 + 1e-6) or levels[-1] <= lo:
+        raise ConfigError(f"noise levels {levels} must lie in (sigma_min, sigma_max] = ({lo:.4g}, {hi:.4g}]")
+
+
 def schedule_points(config, step: int) -> tuple:
     """(N(k), mu(k)) at optimizer step k: the discretisation size and the target network's EMA decay."""
     f, total = config.fewstep, config.train.num_steps
@@ -235,8 +250,8 @@ def make_student_sampler(config, model, steps: int, batch_size: int, sigmas=None
         grid = consistency_grid(config, schedule)
         if sigmas is None:
             sigmas = consistency_sample_sigmas(steps, grid)
-        elif len(sigmas) != int(steps):
-            raise ConfigError(f"{steps} steps need {steps} noise levels, got {list(sigmas)}")
+        else:
+            check_sample_sigmas(sigmas, steps, grid)
 
         def run(params, key, labels):
             f = student_consistency_fn(config, model, schedule, params, grid)
@@ -577,7 +592,8 @@ class FewstepTask(Task):
 
     def sampler(self, workdir: str, config, options: SampleOptions):
         """--steps k picks PD's k-step round checkpoint (default: the last round) or the number of consistency
-        steps (default fewstep.sample_steps); sampled with the student's own sampler."""
+        steps (default fewstep.sample_steps); sampled with the student's own sampler. A consistency run also takes
+        --sigmas, its k noise levels (k = their count unless --steps says otherwise)."""
         if options.guidance is not None and float(options.guidance) != 1.0:
             raise ConfigError("a few-step student samples without classifier-free guidance: drop --guidance")
         if options.classifier is not None:
@@ -588,7 +604,14 @@ class FewstepTask(Task):
                 "for cd/ct): drop --sampler / --eta / --grid"
             )
         f = config.fewstep
+        if options.sigmas is not None and f.method not in ("cd", "ct"):
+            raise ConfigError(
+                f"--sigmas picks a consistency model's noise levels; a {f.method} student samples on its own "
+                "timesteps (drop --sigmas)"
+            )
         default = f.pd_final_steps if f.method == "pd" else f.sample_steps
+        if options.sigmas is not None:
+            default = len(options.sigmas)
         try:
             k = int(options.steps) if options.steps is not None else int(default)
         except ValueError:
@@ -606,19 +629,24 @@ class FewstepTask(Task):
             workdir, k if f.method == "pd" else None, use_ema=options.use_ema, step=options.step
         )
         num_classes = int(config.model.get("num_classes", 0))
+        levels = ""
+        if options.sigmas is not None:
+            check_sample_sigmas(options.sigmas, k, consistency_grid(config, schedule_from_config(config.diffusion)))
+            levels = "_sigmas" + "-".join(f"{s:g}" for s in options.sigmas)
 
         def run(num, seed=0, progress=True):
             batch = min(options.batch_size or config.sample.batch_size, num)
-            fn = make_student_sampler(config, model, k, batch)
+            fn = make_student_sampler(config, model, k, batch, sigmas=options.sigmas)
             samples, labels, nfe = generate(
                 fn, params, num, batch, seed=seed, num_classes=num_classes, progress=progress
             )
+            chosen = f", noise levels {', '.join(f'{s:g}' for s in options.sigmas)}" if levels else ""
             return Samples(
                 to_uint8(samples, config.data.centered),
                 labels,
                 nfe,
-                f"samples_{f.method}_{k}steps_seed{seed}",
-                f"the {f.method} student (checkpoint {step}, {k} steps, NFE={nfe})",
+                f"samples_{f.method}_{k}steps{levels}_seed{seed}",
+                f"the {f.method} student (checkpoint {step}, {k} steps{chosen}, NFE={nfe})",
             )
 
         run.step = step
@@ -715,6 +743,7 @@ __all__ = [
     "CURRICULA",
     "METHODS",
     "FewstepTask",
+    "check_sample_sigmas",
     "consistency_sample_sigmas",
     "generate",
     "load_student",
