@@ -19,19 +19,7 @@ import csv
 import os
 import sys
 
-
-def _floats(text: str) -> list:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from research.cli import number_list
 
 
 def search(run: str, levels: list, num: int, seeds: list, batch_size: int) -> list:
@@ -77,9 +65,9 @@ def search(run: str, levels: list, num: int, seeds: list, batch_size: int) -> li
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, help="a cd or ct workdir (repeat for several)")
-    p.add_argument("--levels", type=_floats, default=[0.1, 0.3, 0.6, 1.0, 2.0, 5.0])
+    p.add_argument("--levels", type=number_list(float, "numbers"), default=[0.1, 0.3, 0.6, 1.0, 2.0, 5.0])
     p.add_argument("--num", type=int, default=1000)
-    p.add_argument("--seeds", type=_ints, default=[0])
+    p.add_argument("--seeds", type=number_list(int, "integers"), default=[0])
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--out", default="runs/cm_sigma_search")
     args = p.parse_args(argv)

@@ -55,6 +55,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from research.cli import number_list
+
 EVAL_DEFAULTS = {
     "sampler": None,
     "steps": None,
@@ -69,7 +71,7 @@ EVAL_DEFAULTS = {
 
 def _levels(text: str) -> str:
     """eval.sigmas: comma-separated noise levels, kept as text (the cell's name and cache key hold it as written)."""
-    [float(v) for v in text.split(",")]  # ValueError names the bad value
+    number_list(float, "noise levels")(text)
     return text
 
 
@@ -142,7 +144,7 @@ def _eval_value(key: str, text: str):
         raise SweepError(f"unknown evaluation option {key!r}: use one of {['eval.' + k for k in EVAL_TYPES]}")
     try:
         value = EVAL_TYPES[name](text)
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         wanted = "comma-separated numbers" if name == "sigmas" else EVAL_TYPES[name].__name__
         raise SweepError(f"{key}={text!r}: expected {wanted}") from None
     least = EVAL_MINIMUM.get(name)
@@ -243,7 +245,7 @@ def _sample_options(options: dict):
         eta=options["eta"],
         guidance=options["guidance"],
         batch_size=options["batch"],
-        sigmas=None if sigmas is None else tuple(float(v) for v in sigmas.split(",")),
+        sigmas=None if sigmas is None else number_list(float, "noise levels")(sigmas),
     )
 
 

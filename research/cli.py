@@ -67,6 +67,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+def number_list(cast, what: str):
+    """An argparse type for comma-separated values, e.g. number_list(float, "noise levels"): '80,0.7' ->
+    (80.0, 0.7); empty items are refused ('1,,2'), so a typo never shortens a list silently."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(v) for v in str(text).split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    parse.__name__ = f"{cast.__name__}_list"  # argparse names the type in its messages
+    return parse
+
+
 def check_output_path(path: str, flag: str) -> None:
     """Raise UsageError unless `path` can be written as a file: its folder exists and it is not a folder."""
     import os

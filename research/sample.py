@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from research.cli import number_list
 from research.diffusion.samplers import SAMPLERS
 
 
@@ -62,14 +63,6 @@ def _check_args(args) -> None:
         raise ConfigError(f"--workdir {args.workdir} does not exist")
 
 
-def _levels(text: str) -> tuple:
-    try:
-        levels = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated noise levels, got {text!r}") from None
-    return levels
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
@@ -94,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--classifier-scale", type=float, default=1.0, help="the classifier guidance scale s (0: none)")
     p.add_argument(
         "--sigmas",
-        type=_levels,
+        type=number_list(float, "noise levels"),
         default=None,
         help="a consistency run's noise levels, one per step, decreasing (e.g. 80,0.7: CM's 2-step sampler)",
     )

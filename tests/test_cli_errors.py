@@ -407,3 +407,23 @@ def test_inception_does_not_import_its_converter():
     assert out == ["False", "research.metrics.convert_inception"]
     source = open(os.path.join(root, "research", "metrics", "inception.py")).read()
     assert "import convert_inception" not in source and "from research.metrics.convert_inception" not in source
+
+
+def test_number_lists_parse_every_item_and_refuse_empty_or_malformed_ones(capsys):
+    import argparse
+
+    from research.cli import number_list
+    from research.sample import main as sample_main
+
+    levels = number_list(float, "noise levels")
+    assert levels("80,0.7") == (80.0, 0.7) and levels("2.5") == (2.5,)
+    assert number_list(int, "integers")("0,1,2") == (0, 1, 2)
+    for bad in ("80,,0.7", "80,", "", "80;0.7", "a"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated noise levels"):
+            levels(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated integers, got '1.5'"):
+        number_list(int, "integers")("1.5")
+    # The sample command refuses a malformed list before it reads the workdir.
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--workdir", "no/such/run", "--sigmas", "80,,0.7"])
+    assert e.value.code == 2 and "--sigmas: expected comma-separated noise levels" in capsys.readouterr().err
