@@ -18,7 +18,8 @@ Keys:
   - `eval.KEY`: an evaluation option, so the values share one trained model per training cell:
     `eval.sampler`, `eval.steps`, `eval.eta`, `eval.guidance`, `eval.sigmas` (as `research.sample`; several
     level lists are split on ';': `--grid 'eval.sigmas=80,0.7;80,1.5'`), `eval.num` (samples for FID, default
-    1000), `eval.bpd_num` (test images for bits/dim, default 200), `eval.batch` (500).
+    1000), `eval.bpd_num` (test images for bits/dim, default 200), `eval.bpd_clip` (true: bits/dim with each
+    predicted x0 clipped to [-1, 1], `research.evaluate bpd --clip-x0`), `eval.batch` (500).
   Values are split on ',' or, when the text has a ';', on ';' (`--grid 'model.ch_mult=1,2;1,2,2'`).
 
 Evaluations (--eval): `fid_domain` (domain-classifier FID of eval.num samples against the training split, plus
@@ -66,6 +67,7 @@ EVAL_DEFAULTS = {
     "bpd_num": 200,
     "batch": 500,
     "sigmas": None,
+    "bpd_clip": None,
 }
 
 
@@ -73,6 +75,14 @@ def _levels(text: str) -> str:
     """eval.sigmas: comma-separated noise levels, kept as text (the cell's name and cache key hold it as written)."""
     number_list(float, "noise levels")(text)
     return text
+
+
+def _flag(text: str):
+    """eval.bpd_clip: true or false; false is kept as None, the unset default, so it shares its cache."""
+    value = {"true": True, "1": True, "yes": True, "false": None, "0": None, "no": None}.get(text.strip().lower(), "")
+    if value == "":
+        raise ValueError(text)
+    return value
 
 
 EVAL_TYPES = {
@@ -84,10 +94,11 @@ EVAL_TYPES = {
     "bpd_num": int,
     "batch": int,
     "sigmas": _levels,
+    "bpd_clip": _flag,
 }
 # Options added after sweeps had cached evaluations: they enter the cache key only when set, so the caches of older
 # sweeps stay valid.
-KEYED_WHEN_SET = ("sigmas",)
+KEYED_WHEN_SET = ("sigmas", "bpd_clip")
 EVAL_MINIMUM = {"num": 2, "bpd_num": 1, "batch": 1}  # FID needs two samples; refused before anything trains
 
 
@@ -145,7 +156,7 @@ def _eval_value(key: str, text: str):
     try:
         value = EVAL_TYPES[name](text)
     except (ValueError, argparse.ArgumentTypeError):
-        wanted = "comma-separated numbers" if name == "sigmas" else EVAL_TYPES[name].__name__
+        wanted = {"sigmas": "comma-separated numbers", "bpd_clip": "true or false"}.get(name, EVAL_TYPES[name].__name__)
         raise SweepError(f"{key}={text!r}: expected {wanted}") from None
     least = EVAL_MINIMUM.get(name)
     if least is not None and value < least:
@@ -265,11 +276,21 @@ def eval_bpd(workdir: str, options: dict, seed: int, step: int) -> dict:
     from research.run import read_config
 
     config = read_config(workdir)
-    check_bpd_request(config, workdir, steps=options["steps"], num=int(options["bpd_num"]))
+    clip = bool(options.get("bpd_clip"))
+    check_bpd_request(config, workdir, steps=options["steps"], num=int(options["bpd_num"]), clip_x0=clip)
     config, model, params, _ = load_run(workdir, step)
     images, labels = make_eval_arrays(config.data, "test", num=int(options["bpd_num"]))
     result = evaluate_bpd(
-        model, params, config, images, steps=options["steps"], batch_size=100, seed=seed, labels=labels, progress=False
+        model,
+        params,
+        config,
+        images,
+        steps=options["steps"],
+        batch_size=100,
+        seed=seed,
+        labels=labels,
+        progress=False,
+        clip_x0=clip,
     )
     return {"bpd": result["bpd"]}
 
@@ -299,7 +320,7 @@ def eval_loss(workdir: str, options: dict, seed: int, step: int) -> dict:
 # name -> (function, the options its result depends on)
 EVALUATORS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
     "fid_domain": (eval_fid_domain, ("sampler", "steps", "eta", "guidance", "num", "sigmas")),
-    "bpd": (eval_bpd, ("steps", "bpd_num")),
+    "bpd": (eval_bpd, ("steps", "bpd_num", "bpd_clip")),
     "loss": (eval_loss, ()),
 }
 LOGGED_PREFIX = "log."  # --eval log.KEY: any scalar of metrics.jsonl, as `loss`

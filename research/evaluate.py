@@ -4,7 +4,7 @@ python -m research.evaluate fid A B [--metric inception|domain] [--domain NAME] 
 python -m research.evaluate fid --samples X.npz --ref mnist:train [...]
 python -m research.evaluate stats SOURCE --out stats.npz [--metric inception|domain] [--domain NAME]
 python -m research.evaluate bpd --workdir RUN [--steps 1000|100|ddim50|t1,t2,..] [--num 1000]
-                                [--split test] [--batch-size 100] [--seed 0] [--no-ema] [--step N]
+                                [--split test] [--batch-size 100] [--seed 0] [--no-ema] [--step N] [--clip-x0]
 
 fid: A and B are each an .npz of uint8 images [N, H, W, C] (what research.sample writes; never unpickled, so object
 arrays are refused), a folder of PNG/JPEG files, a statistics .npz (mu, sigma: pytorch-fid's format or `stats`
@@ -28,6 +28,10 @@ The decoder term L_0 is a discretised Gaussian on the 256-level grid; research.d
 distribution as N(2m - 1, (2s)^2) over y = 2x - 1, bin for bin, so L_0 is evaluated on that map; the KL terms
 and the prior are invariant (computed in the model's own space). The bound is therefore exact for both ranges.
 Only pixel-space diffusion runs have this bound: latent runs, autoencoders and few-step students are refused.
+--clip-x0 clips every predicted x0 to [-1, 1] before the posterior mean, as the samplers do, and writes
+bpd_<steps>_clip.json: the protocol of iDDPM's released NLL script, and still a bound (the clipped chain is a
+proper model). It matters where alpha-bar_t nears 0: at the cosine schedule's last step an eps error is amplified
+32x in the mean, and far more on a respaced chain (centered data only).
 CLIP runs and CLIP scores (research/evaluate_clip.py has the details):
 python -m research.evaluate zeroshot --workdir RUN [--split test] [--num N] [--templates heldout|train]
 python -m research.evaluate retrieval --workdir RUN [--split test] [--num N]
@@ -61,8 +65,16 @@ def evaluate_bpd(
     seed: int = 0,
     labels=None,
     progress: bool = True,
+    clip_x0: bool = False,
 ) -> dict:
-    """Bits/dim of uint8 images [N, H, W, C] under the model's variational bound (respaced to `steps`)."""
+    """Bits/dim of uint8 images [N, H, W, C] under the model's variational bound (respaced to `steps`).
+
+    clip_x0 clips each step's predicted x0 to [-1, 1] before the posterior mean, as the samplers do. It is the
+    protocol of iDDPM's released NLL script (clip_denoised=True by default there) and still a valid bound: the
+    clipped reverse chain is a proper model. Without it (the default) the bound is the network's own. The two
+    differ most where alpha-bar_t nears 0 (the cosine schedule's last steps), where an eps-predicting model's x0
+    is ill-conditioned. Centered data only.
+    """
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
@@ -76,11 +88,13 @@ def evaluate_bpd(
     )
     d = config.diffusion
     centered = bool(config.data.centered)
+    if clip_x0 and not centered:
+        raise ValueError("clip_x0 clips x0 to [-1, 1]: it is the protocol for centered data (data.centered=True)")
 
     def run(params, x0, key, cond):
         denoise = make_denoiser(model, params)
         out = likelihood.bits_per_dim(
-            denoise, schedule, x0, key, prediction=d.prediction, var_type=d.var_type, cond=cond
+            denoise, schedule, x0, key, prediction=d.prediction, var_type=d.var_type, cond=cond, clip_x0=clip_x0
         )
         total, vlb = out["total"], out["vlb_terms"]
         if not centered:
@@ -124,6 +138,7 @@ def evaluate_bpd(
         "terms_bpd": vlb.mean(0).tolist(),
         "num_steps": schedule.num_steps,
         "num_images": int(n),
+        "clip_x0": bool(clip_x0),
     }
 
 
@@ -169,7 +184,14 @@ def read_run_config(workdir: str):
 
 
 def check_bpd_request(
-    config, workdir: str, *, steps=None, split: str = "test", num: int = 1000, data_dir: Optional[str] = None
+    config,
+    workdir: str,
+    *,
+    steps=None,
+    split: str = "test",
+    num: int = 1000,
+    data_dir: Optional[str] = None,
+    clip_x0: bool = False,
 ) -> None:
     """EvaluationError / DataError for what `bpd` cannot do, decided before any weights are loaded."""
     from research.data.sources import get_source
@@ -195,6 +217,11 @@ def check_bpd_request(
             f"{workdir} is a latent diffusion run (latent.autoencoder={config.latent.autoencoder}): "
             "its bound is over latents, not pixels, so bits/dim of images is not defined"
         )
+    if clip_x0 and not config.data.get("centered", True):
+        raise EvaluationError(
+            f"{workdir} has data in [0, 1] (data.centered=False): clipping x0 to [-1, 1] (--clip-x0) is the protocol "
+            "for centered data"
+        )
     if steps is not None:
         try:
             space_timesteps(int(config.diffusion.timesteps), parse_steps(steps))
@@ -215,23 +242,33 @@ def _bpd_main(args) -> int:
     from research.loader import load_run
 
     config = read_run_config(args.workdir)
-    check_bpd_request(config, args.workdir, steps=args.steps, split=args.split, num=args.num)
+    check_bpd_request(config, args.workdir, steps=args.steps, split=args.split, num=args.num, clip_x0=args.clip_x0)
     config, model, params, step = load_run(args.workdir, args.step, use_ema=not args.no_ema)
     images, labels = make_eval_arrays(config.data, args.split, num=args.num)
     t0 = time.time()
     result = evaluate_bpd(
-        model, params, config, images, steps=args.steps, batch_size=args.batch_size, seed=args.seed, labels=labels
+        model,
+        params,
+        config,
+        images,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        labels=labels,
+        clip_x0=args.clip_x0,
     )
     result.update(step=step, split=args.split, ema=not args.no_ema, seconds=time.time() - t0)
     out_dir = os.path.join(args.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     name = str(args.steps if args.steps is not None else config.diffusion.timesteps).replace(",", "-")
+    name += "_clip" if args.clip_x0 else ""
     with open(os.path.join(out_dir, f"bpd_{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(
         f"bits/dim {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} ({result['num_images']} {args.split} images, "
         f"{result['num_steps']} steps, prior {result['prior_bpd']:.2e}, decoder {result['decoder_bpd']:.4f}, "
-        f"step {step}{', EMA' if result['ema'] else ''}) in {result['seconds']:.1f}s"
+        f"step {step}{', EMA' if result['ema'] else ''}{', x0 clipped' if args.clip_x0 else ''}) "
+        f"in {result['seconds']:.1f}s"
     )
     return 0
 
@@ -422,6 +459,11 @@ def main(argv=None) -> int:
     b.add_argument("--batch-size", type=positive_int, default=100)
     b.add_argument("--seed", type=nonnegative_int, default=0)
     b.add_argument("--no-ema", action="store_true")
+    b.add_argument(
+        "--clip-x0",
+        action="store_true",
+        help="clip each predicted x0 to [-1, 1] as the samplers do (the protocol of iDDPM's NLL script)",
+    )
     from research.evaluate_clip import add_parsers
 
     clip_commands = add_parsers(sub)

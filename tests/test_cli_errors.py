@@ -187,6 +187,46 @@ def test_bpd_of_an_uncentered_run(trained_run):
     assert abs(float(np.asarray(naive["total"]).mean()) - result["bpd"]) > 0.05
 
 
+def test_bpd_with_clipped_x0_is_the_clipped_bound_and_refused_for_uncentered_data(trained_run, capsys):
+    """`bpd --clip-x0` is likelihood.bits_per_dim with clip_x0 on the same images and keys, written beside the
+    unclipped result; [0, 1] data is refused (the clip is to [-1, 1])."""
+    import json as json_lib
+
+    import jax
+    import jax.numpy as jnp
+
+    from research.data import make_eval_arrays, to_model_range
+    from research.diffusion import likelihood
+    from research.evaluate import check_bpd_request, main
+    from research.loader import load_run
+    from research.metrics.evaluation import EvaluationError
+    from research.sampling import make_denoiser, sampling_schedule, schedule_from_config
+
+    assert main(["bpd", "--workdir", trained_run, "--steps", "10", "--num", "8", "--batch-size", "8", "--clip-x0"]) == 0
+    assert "x0 clipped" in capsys.readouterr().out
+    with open(os.path.join(trained_run, "eval", "bpd_10_clip.json")) as f:
+        result = json_lib.load(f)
+    config, model, params, _ = load_run(trained_run)
+    images, _ = make_eval_arrays(config.data, "test", num=8)
+    d = config.diffusion
+    schedule = sampling_schedule(schedule_from_config(d), "10")
+    x0 = jnp.asarray(to_model_range(images, centered=True))
+    key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    bound = {
+        clip: likelihood.bits_per_dim(
+            make_denoiser(model, params), schedule, x0, key, prediction=d.prediction, var_type=d.var_type, clip_x0=clip
+        )
+        for clip in (True, False)
+    }
+    assert result["clip_x0"] is True
+    assert result["bpd"] == pytest.approx(float(np.asarray(bound[True]["total"]).mean()), rel=1e-5)
+    assert abs(result["bpd"] - float(np.asarray(bound[False]["total"]).mean())) > 1e-3  # the clip is not a no-op
+    uncentered = config.copy_and_resolve_references()
+    uncentered.data.centered = False
+    with pytest.raises(EvaluationError, match="data.centered=False"):
+        check_bpd_request(uncentered, trained_run, clip_x0=True)
+
+
 def DIGITS_IMAGES():
     from research.metrics.evaluation import dataset_images
 

@@ -86,6 +86,23 @@ def test_consistency_levels_are_an_evaluation_option_that_keeps_older_caches(con
         sweep.plan_cells(config_file, [], ["eval.sigmas=80,high"], [0])
 
 
+def test_clipped_bits_per_dim_is_an_evaluation_option_keyed_only_when_true(config_file):
+    """eval.bpd_clip=true gives the bpd evaluation its own cache entry; false is the unset default (same entry as
+    the sweeps cached before the option existed); other words are refused before anything trains."""
+    import hashlib
+
+    plain = dict(sweep.plan_cells(config_file, [], [], [0])[0].eval_options)
+    old = {k: plain[k] for k in ("steps", "bpd_num")}
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
+    assert sweep._eval_key("bpd", plain, 500, 0) == f"bpd_step500_seed0_bpd_num200_{digest}"
+    cells = sweep.plan_cells(config_file, ["eval.bpd_clip=false,true"], [], [0])
+    assert [dict(c.eval_options)["bpd_clip"] for c in cells] == [None, True]
+    keys = [sweep._eval_key("bpd", dict(c.eval_options), 500, 0) for c in cells]
+    assert keys[0] == sweep._eval_key("bpd", plain, 500, 0) and "bpd_clipTrue" in keys[1]
+    with pytest.raises(sweep.SweepError, match="expected true or false"):
+        sweep.plan_cells(config_file, [], ["eval.bpd_clip=maybe"], [0])
+
+
 @pytest.mark.parametrize(
     "grids, sets, seeds, words",
     [
