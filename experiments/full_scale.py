@@ -53,7 +53,7 @@ RUNS = [
         needs=[],
         paper="NLL 2.94 bits/dim, FID 2.90 with 4000 steps (Nichol & Dhariwal 2021, Table 2 and Sec. 4)",
         evals=[
-            "python -m research.evaluate bpd --workdir RUN --split test --num 10000",
+            "python -m research.evaluate bpd --workdir RUN --split test --num 10000 --clip-x0",  # the paper's protocol
             "python -m research.sample --workdir RUN --sampler ddpm --steps 4000 --num 50000 --out RUN/fid50k",
             "python -m research.evaluate fid RUN/fid50k/samples_*.npz cifar10:train",
         ],
