@@ -71,18 +71,23 @@ EVAL_DEFAULTS = {
 }
 
 
+_noise_levels = number_list(float, "noise levels")
+
+
 def _levels(text: str) -> str:
     """eval.sigmas: comma-separated noise levels, kept as text (the cell's name and cache key hold it as written)."""
-    number_list(float, "noise levels")(text)
+    _noise_levels(text)
     return text
 
 
 def _flag(text: str):
     """eval.bpd_clip: true or false; false is kept as None, the unset default, so it shares its cache."""
-    value = {"true": True, "1": True, "yes": True, "false": None, "0": None, "no": None}.get(text.strip().lower(), "")
-    if value == "":
-        raise ValueError(text)
-    return value
+    word = text.strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return None
+    raise ValueError(text)
 
 
 EVAL_TYPES = {
@@ -256,7 +261,7 @@ def _sample_options(options: dict):
         eta=options["eta"],
         guidance=options["guidance"],
         batch_size=options["batch"],
-        sigmas=None if sigmas is None else number_list(float, "noise levels")(sigmas),
+        sigmas=None if sigmas is None else _noise_levels(sigmas),
     )
 
 

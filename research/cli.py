@@ -77,7 +77,6 @@ def number_list(cast, what: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 
-    parse.__name__ = f"{cast.__name__}_list"  # argparse names the type in its messages
     return parse
 
 
